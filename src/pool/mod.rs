@@ -1,0 +1,342 @@
+//! The global keyed worker pool, shared by every topic of a bus.
+//!
+//! Messages with the same key run one at a time in submission order; messages
+//! of different keys (and unkeyed ones) run in parallel on `concurrency`
+//! workers. A worker is never tied to a key, so a slow aggregate holds one
+//! worker, not every aggregate that hashes next to it. Queued plus in-flight
+//! messages are bounded by `capacity`; submitters wait for room up to
+//! `wait_timeout`, then get [`SubmitError::QueueFull`].
+//!
+//! [`core`] holds the queues and is model-checked by loom; this module is
+//! the tokio executor on top of it.
+
+pub mod core;
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+pub use self::core::Stats;
+use self::core::{Core, Refused};
+
+/// The aggregate key that orders messages.
+pub type Key = Arc<str>;
+
+/// What a handler may fail with.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a handler returns.
+pub type HandlerResult = Result<(), HandlerError>;
+
+/// How a submitted task ended, as reported to its submitter.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The handler ran to the end (a panic is reported as [`HandlerPanicked`]).
+    Done(HandlerResult),
+    /// The task was accepted but never finished: it was handed back on close
+    /// or cancelled by an aborting close. Its position must not be committed.
+    NotProcessed,
+}
+
+impl Outcome {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Done(Ok(())))
+    }
+}
+
+/// A handler panicked; the worker caught it and survives.
+#[derive(Debug, thiserror::Error)]
+#[error("handler panicked: {0}")]
+pub struct HandlerPanicked(pub String);
+
+/// Why a submit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("pool queue full: {capacity} messages queued or in flight, no room within {waited:?}")]
+    QueueFull { capacity: usize, waited: Duration },
+    #[error("pool closed")]
+    Closed,
+}
+
+/// A refused task, handed back so the caller may retry or drop it (dropping
+/// it reports [`Outcome::NotProcessed`] to its reply).
+pub struct Rejected {
+    pub error: SubmitError,
+    pub task: Task,
+}
+
+impl fmt::Debug for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rejected").field("error", &self.error).finish_non_exhaustive()
+    }
+}
+
+/// Pool settings. Defaults follow the seed: 256 workers, room for 256×1000
+/// messages, 500 ms wait for room.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Messages handled at the same time (worker tasks).
+    pub concurrency: usize,
+    /// Bound on queued plus in-flight messages.
+    pub capacity: usize,
+    /// How long `submit` waits for room before `QueueFull`.
+    #[serde(with = "humantime_serde_millis")]
+    pub wait_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { concurrency: 256, capacity: 256 * 1000, wait_timeout: Duration::from_millis(500) }
+    }
+}
+
+/// Durations in config files are written in milliseconds.
+mod humantime_serde_millis {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+type ReplyFn = Box<dyn FnOnce(Outcome) + Send + 'static>;
+
+/// Calls its reply exactly once: with the result, or with `NotProcessed`
+/// when dropped unanswered (handed back, cancelled, refused and dropped).
+struct Reply(Option<ReplyFn>);
+
+impl Reply {
+    fn send(mut self, outcome: Outcome) {
+        if let Some(f) = self.0.take() {
+            f(outcome);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Outcome::NotProcessed);
+        }
+    }
+}
+
+/// One unit of work: the handler's future, its key, and where its outcome goes.
+pub struct Task {
+    key: Option<Key>,
+    work: BoxFuture<'static, HandlerResult>,
+    reply: Reply,
+}
+
+impl Task {
+    /// `work` runs on a worker once every earlier task of `key` has finished;
+    /// `reply` receives its outcome exactly once.
+    pub fn new<F, R>(key: Option<Key>, work: F, reply: R) -> Task
+    where
+        F: Future<Output = HandlerResult> + Send + 'static,
+        R: FnOnce(Outcome) + Send + 'static,
+    {
+        Task { key, work: work.boxed(), reply: Reply(Some(Box::new(reply))) }
+    }
+
+    pub fn key(&self) -> Option<&Key> {
+        self.key.as_ref()
+    }
+}
+
+/// What `close` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CloseReport {
+    /// Tasks handed back unprocessed because the deadline passed first
+    /// (queued ones plus cancelled in-flight ones).
+    pub handed_back: usize,
+    /// Whether the deadline passed before the pool drained.
+    pub timed_out: bool,
+}
+
+struct Shared {
+    core: Core<Key, Task>,
+    config: PoolConfig,
+    workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The global keyed worker pool. Cloning shares the same pool.
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("stats", &self.stats()).finish()
+    }
+}
+
+impl Pool {
+    /// Starts the workers on the current tokio runtime.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, or with a zero concurrency or capacity.
+    pub fn new(config: PoolConfig) -> Pool {
+        assert!(config.concurrency > 0, "pool concurrency must be at least 1");
+        let shared = Arc::new(Shared {
+            core: Core::new(config.capacity),
+            config,
+            workers: std::sync::Mutex::new(Vec::new()),
+        });
+        let workers = (0..shared.config.concurrency)
+            .map(|_| tokio::spawn(worker(Arc::clone(&shared))))
+            .collect();
+        *shared.workers.lock().unwrap_or_else(|p| p.into_inner()) = workers;
+        Pool { shared }
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.shared.config
+    }
+
+    /// Accepts `task`, waiting up to the configured `wait_timeout` for room.
+    pub async fn submit(&self, task: Task) -> Result<(), Rejected> {
+        self.submit_timeout(task, self.shared.config.wait_timeout).await
+    }
+
+    /// Accepts `task`, waiting as long as it takes for room. This is how a
+    /// consumer applies back-pressure: while it waits, it reads nothing.
+    pub async fn submit_wait(&self, task: Task) -> Result<(), Rejected> {
+        let key = task.key.clone();
+        self.shared.core.submit(key, task).await.map_err(|refused| refused_to_rejected(refused, Duration::MAX, 0))
+    }
+
+    /// Accepts `task`, waiting up to `wait` for room.
+    pub async fn submit_timeout(&self, task: Task, wait: Duration) -> Result<(), Rejected> {
+        let key = task.key.clone();
+        let capacity = self.shared.config.capacity;
+        let mut submit = self.shared.core.submit(key, task);
+        match tokio::time::timeout(wait, &mut submit).await {
+            Ok(result) => result.map_err(|r| refused_to_rejected(r, wait, capacity)),
+            Err(_elapsed) => match submit.take_item() {
+                Some((_, task)) => Err(Rejected { error: SubmitError::QueueFull { capacity, waited: wait }, task }),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Accepts `task` only if there is room right now.
+    pub fn try_submit(&self, task: Task) -> Result<(), Rejected> {
+        let key = task.key.clone();
+        let capacity = self.shared.config.capacity;
+        self.shared.core.try_submit(key, task).map_err(|r| refused_to_rejected(r, Duration::ZERO, capacity))
+    }
+
+    /// Runs `work` under `key` and waits for its outcome.
+    pub async fn run<F>(&self, key: Option<Key>, work: F) -> Result<Outcome, SubmitError>
+    where
+        F: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = Task::new(key, work, move |outcome| {
+            let _ = tx.send(outcome);
+        });
+        self.submit(task).await.map_err(|r| r.error)?;
+        Ok(rx.await.unwrap_or(Outcome::NotProcessed))
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.core.stats()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.core.is_closed()
+    }
+
+    /// Stops intake, then drains: every accepted task runs to its end.
+    /// When `deadline` is given and passes first, queued tasks are handed
+    /// back and in-flight ones cancelled, each reported `NotProcessed`.
+    /// When this returns, no worker task of the pool is alive.
+    pub async fn close(&self, deadline: Option<Duration>) -> CloseReport {
+        self.shared.core.close();
+        let mut workers: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.shared.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut report = CloseReport::default();
+        let drained = async {
+            for handle in workers.iter_mut() {
+                let _ = handle.await;
+            }
+        };
+        let finished = match deadline {
+            None => {
+                drained.await;
+                true
+            }
+            Some(limit) => tokio::time::timeout(limit, drained).await.is_ok(),
+        };
+        if !finished {
+            report.timed_out = true;
+            let queued = self.shared.core.abort();
+            let in_flight = self.shared.core.stats().in_flight;
+            report.handed_back = queued.len() + in_flight;
+            // Dropping each handed-back task reports NotProcessed to its submitter.
+            drop(queued);
+            for handle in &workers {
+                handle.abort();
+            }
+            for handle in workers {
+                let _ = handle.await;
+            }
+        }
+        report
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Last handle gone without close: stop the workers rather than leak them.
+        let handles = self.workers.get_mut().unwrap_or_else(|p| p.into_inner());
+        for handle in handles.drain(..) {
+            handle.abort();
+        }
+    }
+}
+
+fn refused_to_rejected(refused: Refused<Key, Task>, waited: Duration, capacity: usize) -> Rejected {
+    match refused {
+        Refused::Full(_, task) => Rejected { error: SubmitError::QueueFull { capacity, waited }, task },
+        Refused::Closed(_, task) => Rejected { error: SubmitError::Closed, task },
+    }
+}
+
+async fn worker(shared: Arc<Shared>) {
+    while let Some(job) = shared.core.next().await {
+        let Task { key, work, reply } = job.msg;
+        let span = tracing::debug_span!("pool.handle", key = key.as_deref().unwrap_or(""), outcome = tracing::field::Empty);
+        let result = AssertUnwindSafe(work).catch_unwind().instrument(span.clone()).await;
+        let result = match result {
+            Ok(r) => r,
+            Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic))) as HandlerError),
+        };
+        span.record("outcome", if result.is_ok() { "ok" } else { "error" });
+        reply.send(Outcome::Done(result));
+        shared.core.complete(key.as_ref());
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
