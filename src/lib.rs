@@ -5,3 +5,13 @@
 pub mod sync;
 pub mod pool;
 pub mod envelope;
+pub mod config;
+pub mod broker;
+pub mod consumer;
+pub mod bus;
+pub mod checker;
+
+pub use broker::memory::{MemoryBroker, MemoryConfig};
+pub use broker::{Broker, BrokerError, Delivery, Headers, Outbound, Position, Session, SessionEvent, TopicPartition};
+pub use bus::{BusConfig, EventBus};
+pub use envelope::Envelope;

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -82,7 +82,7 @@ impl fmt::Debug for Rejected {
 
 /// Pool settings. Defaults follow the seed: 256 workers, room for 256×1000
 /// messages, 500 ms wait for room.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
     /// Messages handled at the same time (worker tasks).
@@ -90,23 +90,13 @@ pub struct PoolConfig {
     /// Bound on queued plus in-flight messages.
     pub capacity: usize,
     /// How long `submit` waits for room before `QueueFull`.
-    #[serde(with = "humantime_serde_millis")]
+    #[serde(with = "crate::config::millis")]
     pub wait_timeout: Duration,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig { concurrency: 256, capacity: 256 * 1000, wait_timeout: Duration::from_millis(500) }
-    }
-}
-
-/// Durations in config files are written in milliseconds.
-mod humantime_serde_millis {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
 
@@ -166,7 +156,9 @@ pub struct CloseReport {
 }
 
 struct Shared {
-    core: Core<Key, Task>,
+    /// Workers hold only the core, never `Shared`: otherwise they would keep
+    /// `Shared` alive and its `Drop` (abort on last handle) could never run.
+    core: Arc<Core<Key, Task>>,
     config: PoolConfig,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -191,12 +183,12 @@ impl Pool {
     pub fn new(config: PoolConfig) -> Pool {
         assert!(config.concurrency > 0, "pool concurrency must be at least 1");
         let shared = Arc::new(Shared {
-            core: Core::new(config.capacity),
+            core: Arc::new(Core::new(config.capacity)),
             config,
             workers: std::sync::Mutex::new(Vec::new()),
         });
         let workers = (0..shared.config.concurrency)
-            .map(|_| tokio::spawn(worker(Arc::clone(&shared))))
+            .map(|_| tokio::spawn(worker(Arc::clone(&shared.core))))
             .collect();
         *shared.workers.lock().unwrap_or_else(|p| p.into_inner()) = workers;
         Pool { shared }
@@ -316,8 +308,8 @@ fn refused_to_rejected(refused: Refused<Key, Task>, waited: Duration, capacity: 
     }
 }
 
-async fn worker(shared: Arc<Shared>) {
-    while let Some(job) = shared.core.next().await {
+async fn worker(core: Arc<Core<Key, Task>>) {
+    while let Some(job) = core.next().await {
         let Task { key, work, reply } = job.msg;
         let span = tracing::debug_span!("pool.handle", key = key.as_deref().unwrap_or(""), outcome = tracing::field::Empty);
         let result = AssertUnwindSafe(work).catch_unwind().instrument(span.clone()).await;
@@ -327,11 +319,12 @@ async fn worker(shared: Arc<Shared>) {
         };
         span.record("outcome", if result.is_ok() { "ok" } else { "error" });
         reply.send(Outcome::Done(result));
-        shared.core.complete(key.as_ref());
+        core.complete(key.as_ref());
     }
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> String {
+/// The text of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {

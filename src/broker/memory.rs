@@ -1,0 +1,538 @@
+//! The embedded default broker: Kafka's model in process memory.
+//!
+//! Topics have partitions; keyed messages go to the partition Kafka's default
+//! partitioner would choose (murmur2), unkeyed ones round-robin. Consumer
+//! groups have members that join and leave; every membership change
+//! rebalances with revoke before assign: a partition moves to its new owner
+//! only after the old owner released it (or left). Each group keeps its
+//! committed offsets, and a new owner resumes from them, so uncommitted work
+//! is redelivered. Everything is deterministic: ordered maps, and no
+//! randomness beyond the configured, seeded publish jitter.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Notify;
+
+use super::{Broker, BrokerError, Delivery, Headers, Outbound, Position, Session, SessionEvent, TopicPartition};
+
+/// Settings of a [`MemoryBroker`].
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Partitions of a topic created implicitly by a publish or subscribe.
+    pub default_partitions: u32,
+    /// Each publish waits this long before it is stored (simulated network).
+    #[serde(with = "crate::config::millis")]
+    pub publish_delay: Duration,
+    /// Each publish additionally waits up to this long, drawn from `seed`.
+    #[serde(with = "crate::config::millis")]
+    pub publish_jitter: Duration,
+    pub seed: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig { default_partitions: 3, publish_delay: Duration::ZERO, publish_jitter: Duration::ZERO, seed: 0 }
+    }
+}
+
+struct Stored {
+    key: Option<Vec<u8>>,
+    headers: Headers,
+    payload: Vec<u8>,
+    timestamp: SystemTime,
+}
+
+type MemberId = u64;
+
+#[derive(Default)]
+struct Member {
+    topics: BTreeSet<String>,
+    /// Assignment changes not yet taken by `next`.
+    events: VecDeque<SessionEvent>,
+    /// Owned partitions being fetched, with the next offset to deliver.
+    fetch: BTreeMap<TopicPartition, u64>,
+    /// Partitions this member was asked to release.
+    revoking: BTreeSet<TopicPartition>,
+    /// Round-robin start among `fetch`, so no partition starves the others.
+    cursor: usize,
+}
+
+#[derive(Default)]
+struct Group {
+    members: BTreeMap<MemberId, Member>,
+    /// Owner of each partition, from assignment until release or leave.
+    owner: BTreeMap<TopicPartition, MemberId>,
+    committed: BTreeMap<TopicPartition, u64>,
+    /// Highest offset ever delivered + 1, to number redelivery attempts.
+    delivered: BTreeMap<TopicPartition, u64>,
+    rebalances: u64,
+}
+
+struct State {
+    topics: BTreeMap<String, Vec<Vec<Stored>>>,
+    groups: BTreeMap<String, Group>,
+    next_member: MemberId,
+    round_robin: u64,
+    rng: SmallRng,
+}
+
+struct Shared {
+    config: MemoryConfig,
+    state: Mutex<State>,
+    /// Wakes sessions waiting in `next` after any change.
+    changed: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An in-process broker. Cloning shares it.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new(MemoryConfig::default())
+    }
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker").field("config", &self.shared.config).finish_non_exhaustive()
+    }
+}
+
+/// Kafka's murmur2 hash, so keys land on the partitions Kafka's default
+/// partitioner would choose.
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ (data.len() as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= (rest[2] as u32) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= (rest[1] as u32) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// The partition Kafka's default partitioner picks for `key`.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+impl MemoryBroker {
+    pub fn new(config: MemoryConfig) -> Self {
+        let rng = SmallRng::seed_from_u64(config.seed);
+        MemoryBroker {
+            shared: Arc::new(Shared {
+                config,
+                state: Mutex::new(State {
+                    topics: BTreeMap::new(),
+                    groups: BTreeMap::new(),
+                    next_member: 1,
+                    round_robin: 0,
+                    rng,
+                }),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// The committed offset (next to read) of `tp` in `group`.
+    pub fn committed(&self, group: &str, tp: &TopicPartition) -> Option<u64> {
+        self.shared.lock().groups.get(group)?.committed.get(tp).copied()
+    }
+
+    /// Number of messages stored in `tp` (its end offset).
+    pub fn end_offset(&self, tp: &TopicPartition) -> u64 {
+        let st = self.shared.lock();
+        st.topics.get(&*tp.topic).and_then(|p| p.get(tp.partition as usize)).map_or(0, |l| l.len() as u64)
+    }
+
+    /// Partition count of `topic`, if it exists.
+    pub fn partitions(&self, topic: &str) -> Option<u32> {
+        self.shared.lock().topics.get(topic).map(|p| p.len() as u32)
+    }
+
+    /// Every stored message of `topic`, partition by partition (for tests,
+    /// tools and reading a dead-letter topic).
+    pub fn read_topic(&self, topic: &str) -> Vec<Delivery> {
+        let st = self.shared.lock();
+        let Some(parts) = st.topics.get(topic) else { return Vec::new() };
+        let name: Arc<str> = topic.into();
+        parts
+            .iter()
+            .enumerate()
+            .flat_map(|(p, log)| {
+                let name = name.clone();
+                log.iter().enumerate().map(move |(o, m)| to_delivery(&name, p as u32, o as u64, m, 1))
+            })
+            .collect()
+    }
+
+    /// Rebalances a group has gone through.
+    pub fn rebalances(&self, group: &str) -> u64 {
+        self.shared.lock().groups.get(group).map_or(0, |g| g.rebalances)
+    }
+
+    /// Members currently in `group`.
+    pub fn members(&self, group: &str) -> usize {
+        self.shared.lock().groups.get(group).map_or(0, |g| g.members.len())
+    }
+
+    fn create_topic(&self, st: &mut State, topic: &str, partitions: u32) -> bool {
+        let parts = st.topics.entry(topic.to_string()).or_default();
+        if parts.len() >= partitions as usize {
+            return false;
+        }
+        parts.resize_with(partitions as usize, Vec::new);
+        true
+    }
+
+    fn notify(&self) {
+        self.shared.changed.notify_waiters();
+    }
+}
+
+fn to_delivery(topic: &Arc<str>, partition: u32, offset: u64, m: &Stored, attempt: u32) -> Delivery {
+    Delivery {
+        topic: topic.clone(),
+        partition,
+        offset,
+        key: m.key.clone(),
+        headers: m.headers.clone(),
+        payload: m.payload.clone(),
+        timestamp: Some(m.timestamp),
+        attempt,
+    }
+}
+
+/// Moves a group toward its target assignment: revokes what must move,
+/// assigns what is free. Called after every membership, topic or release change.
+fn rebalance(topics: &BTreeMap<String, Vec<Vec<Stored>>>, group: &mut Group) {
+    // Target: each topic's partitions spread over its subscribers in id order.
+    let mut target: BTreeMap<TopicPartition, MemberId> = BTreeMap::new();
+    let mut subscribed: BTreeSet<&String> = BTreeSet::new();
+    for m in group.members.values() {
+        subscribed.extend(m.topics.iter());
+    }
+    for topic in subscribed {
+        let Some(parts) = topics.get(topic) else { continue };
+        let eligible: Vec<MemberId> =
+            group.members.iter().filter(|(_, m)| m.topics.contains(topic)).map(|(id, _)| *id).collect();
+        let name: Arc<str> = topic.as_str().into();
+        for p in 0..parts.len() {
+            target.insert(TopicPartition { topic: name.clone(), partition: p as u32 }, eligible[p % eligible.len()]);
+        }
+    }
+    let mut changed = false;
+    // Revoke partitions whose owner is not their target.
+    let mut revokes: BTreeMap<MemberId, Vec<TopicPartition>> = BTreeMap::new();
+    for (tp, owner) in &group.owner {
+        if target.get(tp) != Some(owner) {
+            let member = group.members.get_mut(owner).expect("owners are members");
+            if member.revoking.insert(tp.clone()) {
+                member.fetch.remove(tp);
+                revokes.entry(*owner).or_default().push(tp.clone());
+            }
+        }
+    }
+    for (id, tps) in revokes {
+        changed = true;
+        group.members.get_mut(&id).expect("member").events.push_back(SessionEvent::Revoked(tps));
+    }
+    // Assign free partitions to their target.
+    let mut assigns: BTreeMap<MemberId, Vec<TopicPartition>> = BTreeMap::new();
+    for (tp, member) in target {
+        if !group.owner.contains_key(&tp) {
+            group.owner.insert(tp.clone(), member);
+            let start = group.committed.get(&tp).copied().unwrap_or(0);
+            group.members.get_mut(&member).expect("member").fetch.insert(tp.clone(), start);
+            assigns.entry(member).or_default().push(tp);
+        }
+    }
+    for (id, tps) in assigns {
+        changed = true;
+        group.members.get_mut(&id).expect("member").events.push_back(SessionEvent::Assigned(tps));
+    }
+    if changed {
+        group.rebalances += 1;
+    }
+}
+
+fn rebalance_all(st: &mut State) {
+    let State { topics, groups, .. } = st;
+    for group in groups.values_mut() {
+        rebalance(topics, group);
+    }
+}
+
+impl Broker for MemoryBroker {
+    type Session = MemorySession;
+
+    async fn publish(&self, msg: Outbound) -> Result<Position, BrokerError> {
+        let cfg = &self.shared.config;
+        if !cfg.publish_delay.is_zero() || !cfg.publish_jitter.is_zero() {
+            let jitter = if cfg.publish_jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                let nanos = self.shared.lock().rng.gen_range(0..=cfg.publish_jitter.as_nanos() as u64);
+                Duration::from_nanos(nanos)
+            };
+            tokio::time::sleep(cfg.publish_delay + jitter).await;
+        }
+        let position = {
+            let mut st = self.shared.lock();
+            if !st.topics.contains_key(&msg.topic) {
+                self.create_topic(&mut st, &msg.topic, cfg.default_partitions.max(1));
+                rebalance_all(&mut st);
+            }
+            let n = st.topics[&msg.topic].len() as u32;
+            let partition = match &msg.key {
+                Some(k) => partition_for_key(k, n),
+                None => {
+                    st.round_robin += 1;
+                    (st.round_robin % n as u64) as u32
+                }
+            };
+            let log = &mut st.topics.get_mut(&msg.topic).expect("created above")[partition as usize];
+            log.push(Stored { key: msg.key, headers: msg.headers, payload: msg.payload, timestamp: SystemTime::now() });
+            Position { partition, offset: log.len() as u64 - 1, duplicate: false }
+        };
+        self.notify();
+        Ok(position)
+    }
+
+    async fn subscribe(&self, group: &str, topics: &[String]) -> Result<MemorySession, BrokerError> {
+        let id = {
+            let mut st = self.shared.lock();
+            for t in topics {
+                if !st.topics.contains_key(t) {
+                    let n = self.shared.config.default_partitions.max(1);
+                    self.create_topic(&mut st, t, n);
+                }
+            }
+            let id = st.next_member;
+            st.next_member += 1;
+            let member = Member { topics: topics.iter().cloned().collect(), ..Member::default() };
+            st.groups.entry(group.to_string()).or_default().members.insert(id, member);
+            rebalance_all(&mut st);
+            id
+        };
+        self.notify();
+        Ok(MemorySession { broker: self.clone(), group: group.to_string(), id, open: true })
+    }
+
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), BrokerError> {
+        if partitions == 0 {
+            return Err(BrokerError::Config { key: "partitions".into(), reason: "must be at least 1".into() });
+        }
+        let grew = {
+            let mut st = self.shared.lock();
+            let grew = self.create_topic(&mut st, topic, partitions);
+            if grew {
+                rebalance_all(&mut st);
+            }
+            grew
+        };
+        if grew {
+            self.notify();
+        }
+        Ok(())
+    }
+}
+
+/// A member of a consumer group on the [`MemoryBroker`]. Dropping it leaves
+/// the group without committing (like a crashed process).
+pub struct MemorySession {
+    broker: MemoryBroker,
+    group: String,
+    id: MemberId,
+    open: bool,
+}
+
+impl MemorySession {
+    /// This member's id within its group.
+    pub fn member_id(&self) -> u64 {
+        self.id
+    }
+
+    fn with_member<R>(&self, f: impl FnOnce(&mut State, &str, MemberId) -> Result<R, BrokerError>) -> Result<R, BrokerError> {
+        let mut st = self.broker.shared.lock();
+        let present = st.groups.get(&self.group).is_some_and(|g| g.members.contains_key(&self.id));
+        if !present {
+            return Err(BrokerError::Closed);
+        }
+        f(&mut st, &self.group, self.id)
+    }
+
+    fn leave(&mut self) {
+        if !std::mem::replace(&mut self.open, false) {
+            return;
+        }
+        {
+            let mut st = self.broker.shared.lock();
+            if let Some(group) = st.groups.get_mut(&self.group) {
+                group.members.remove(&self.id);
+                group.owner.retain(|_, owner| *owner != self.id);
+            }
+            rebalance_all(&mut st);
+        }
+        self.broker.notify();
+    }
+
+    fn poll_event(&self) -> Result<Option<SessionEvent>, BrokerError> {
+        self.with_member(|st, group, id| {
+            let State { topics, groups, .. } = st;
+            let group = groups.get_mut(group).expect("checked");
+            let member = group.members.get_mut(&id).expect("checked");
+            if let Some(ev) = member.events.pop_front() {
+                return Ok(Some(ev));
+            }
+            let n = member.fetch.len();
+            for i in 0..n {
+                let idx = (member.cursor + i) % n;
+                let (tp, pos) = member.fetch.iter_mut().nth(idx).expect("index in range");
+                let log = &topics[&*tp.topic][tp.partition as usize];
+                if (*pos as usize) < log.len() {
+                    let offset = *pos;
+                    *pos += 1;
+                    let tp = tp.clone();
+                    member.cursor = (idx + 1) % n;
+                    let high = group.delivered.entry(tp.clone()).or_insert(0);
+                    let attempt = if offset < *high { 2 } else { 1 };
+                    *high = (*high).max(offset + 1);
+                    return Ok(Some(SessionEvent::Message(to_delivery(
+                        &tp.topic,
+                        tp.partition,
+                        offset,
+                        &log[offset as usize],
+                        attempt,
+                    ))));
+                }
+            }
+            Ok(None)
+        })
+    }
+}
+
+impl Session for MemorySession {
+    async fn next(&mut self) -> Result<SessionEvent, BrokerError> {
+        loop {
+            let notified = self.broker.shared.changed.notified();
+            tokio::pin!(notified);
+            // Register before looking, so a change between look and wait wakes us.
+            notified.as_mut().enable();
+            if let Some(ev) = self.poll_event()? {
+                return Ok(ev);
+            }
+            notified.await;
+        }
+    }
+
+    async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
+        self.with_member(|st, group, id| {
+            let group = st.groups.get_mut(group).expect("checked");
+            // Fencing: only the current owner may commit a partition.
+            for (tp, _) in offsets {
+                if group.owner.get(tp) != Some(&id) {
+                    return Err(BrokerError::CommitRejected {
+                        partition: tp.to_string(),
+                        reason: "not owned by this member".into(),
+                    });
+                }
+            }
+            for (tp, offset) in offsets {
+                group.committed.insert(tp.clone(), *offset);
+            }
+            Ok(())
+        })
+    }
+
+    async fn release(&mut self, partitions: &[TopicPartition]) -> Result<(), BrokerError> {
+        self.with_member(|st, group_name, id| {
+            let group = st.groups.get_mut(group_name).expect("checked");
+            let member = group.members.get_mut(&id).expect("checked");
+            for tp in partitions {
+                if member.revoking.remove(tp) && group.owner.get(tp) == Some(&id) {
+                    group.owner.remove(tp);
+                }
+            }
+            rebalance_all(st);
+            Ok(())
+        })?;
+        self.broker.notify();
+        Ok(())
+    }
+
+    async fn set_topics(&mut self, topics: &[String]) -> Result<(), BrokerError> {
+        self.with_member(|st, group_name, id| {
+            for t in topics {
+                if !st.topics.contains_key(t) {
+                    let n = self.broker.shared.config.default_partitions.max(1);
+                    self.broker.create_topic(st, t, n);
+                }
+            }
+            let group = st.groups.get_mut(group_name).expect("checked");
+            group.members.get_mut(&id).expect("checked").topics = topics.iter().cloned().collect();
+            rebalance_all(st);
+            Ok(())
+        })?;
+        self.broker.notify();
+        Ok(())
+    }
+
+    async fn close(mut self) -> Result<(), BrokerError> {
+        self.leave();
+        Ok(())
+    }
+}
+
+impl Drop for MemorySession {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Reference values of Kafka's Utils.murmur2 (org.apache.kafka.common.utils).
+        assert_eq!(murmur2(b"21") as i32, -973932308);
+        assert_eq!(murmur2(b"foobar") as i32, -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
+        assert_eq!(murmur2(b"abc") as i32, 479470107);
+    }
+}

@@ -1,0 +1,158 @@
+//! The seam between the consumer and a broker: what Kafka and JetStream have
+//! in common, and nothing broker-specific. The in-memory broker, the
+//! simulator's adapter, rdkafka and async-nats each implement it, so the one
+//! production consumer runs unchanged on all of them.
+
+pub mod memory;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Message headers, in order; names may repeat.
+pub type Headers = Vec<(String, Vec<u8>)>;
+
+/// One partition of one topic. For JetStream, a stream is one partition (0)
+/// and offsets are stream sequences.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TopicPartition {
+    pub topic: Arc<str>,
+    pub partition: u32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: impl Into<Arc<str>>, partition: u32) -> Self {
+        TopicPartition { topic: topic.into(), partition }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub headers: Headers,
+    pub payload: Vec<u8>,
+}
+
+/// Where the broker stored a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub partition: u32,
+    /// Kafka offset or JetStream stream sequence.
+    pub offset: u64,
+    /// The broker recognised a retried publish and did not store it twice.
+    pub duplicate: bool,
+}
+
+/// A message as the consumer receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<Vec<u8>>,
+    pub headers: Headers,
+    pub payload: Vec<u8>,
+    pub timestamp: Option<SystemTime>,
+    /// 1 on first delivery; higher when the broker knows it redelivers.
+    pub attempt: u32,
+}
+
+impl Delivery {
+    pub fn topic_partition(&self) -> TopicPartition {
+        TopicPartition { topic: self.topic.clone(), partition: self.partition }
+    }
+}
+
+/// What a consumer session yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A message of an assigned partition.
+    Message(Delivery),
+    /// These partitions are now ours; delivery starts at their committed offset.
+    Assigned(Vec<TopicPartition>),
+    /// These partitions are being taken away. The consumer finishes or fences
+    /// their work, commits, then calls [`Session::release`]; the broker gives
+    /// them to another member only after that (revoke before assign).
+    Revoked(Vec<TopicPartition>),
+    /// These partitions were taken away without asking (session expired):
+    /// another member may already own them, so nothing may be committed.
+    Lost(Vec<TopicPartition>),
+}
+
+/// Broker failures, typed by what the caller can do about them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("unknown topic {0}")]
+    UnknownTopic(String),
+    #[error("invalid configuration {key}: {reason}")]
+    Config { key: String, reason: String },
+    #[error("commit rejected for {partition}: {reason}")]
+    CommitRejected { partition: String, reason: String },
+    #[error("session closed")]
+    Closed,
+    #[error("{0}")]
+    Other(String),
+}
+
+impl BrokerError {
+    /// Whether trying the same call again later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, BrokerError::Unavailable(_) | BrokerError::Timeout(_) | BrokerError::Other(_))
+    }
+}
+
+/// A broker connection: publishes, and opens consumer group sessions.
+pub trait Broker: Send + Sync + 'static {
+    type Session: Session;
+
+    /// Publishes one message and returns once the broker acknowledged it.
+    fn publish(&self, msg: Outbound) -> impl Future<Output = Result<Position, BrokerError>> + Send;
+
+    /// Joins consumer group `group` for `topics` (one join for all of them).
+    fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> impl Future<Output = Result<Self::Session, BrokerError>> + Send;
+
+    /// Makes sure `topic` exists with at least `partitions` partitions.
+    fn ensure_topic(&self, topic: &str, partitions: u32) -> impl Future<Output = Result<(), BrokerError>> + Send;
+}
+
+/// One member's view of a consumer group.
+pub trait Session: Send + 'static {
+    /// The next message or assignment change. Must be cancel-safe: dropping
+    /// the future before it resolves loses nothing.
+    fn next(&mut self) -> impl Future<Output = Result<SessionEvent, BrokerError>> + Send;
+
+    /// Records that everything below `next_offset` of each partition is
+    /// processed (Kafka's "next offset to read"; JetStream acks each message
+    /// below it).
+    fn commit(
+        &mut self,
+        offsets: &[(TopicPartition, u64)],
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Hands revoked partitions back to the group (after their final commit).
+    fn release(&mut self, partitions: &[TopicPartition]) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Changes the subscribed topics: one rebalance, whatever the number.
+    fn set_topics(&mut self, topics: &[String]) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Leaves the group. Uncommitted work is redelivered to the next owner.
+    fn close(self) -> impl Future<Output = Result<(), BrokerError>> + Send;
+}

@@ -1,0 +1,460 @@
+//! The production consumer, written once and generic over [`Broker`]: the
+//! memory broker, the simulator, Kafka and NATS all run this code.
+//!
+//! One group session covers every subscribed topic. Each delivery becomes a
+//! pool task keyed by its aggregate ID, so a partition has many events in
+//! flight at once (the seed awaited them one by one) while each aggregate
+//! stays in order. Completions come back over a channel and advance the
+//! partition's [`Frontier`]; only frontiers are committed.
+
+pub mod frontier;
+mod task;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::broker::{Broker, BrokerError, Delivery, Session, SessionEvent, TopicPartition};
+use crate::envelope::Envelope;
+use crate::pool::{HandlerResult, Outcome, Pool, Rejected, SubmitError};
+pub use frontier::Frontier;
+
+/// Handles decoded, validated envelopes of one topic, in aggregate order.
+pub type EnvelopeHandler = Arc<dyn Fn(Envelope) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
+/// Handles raw deliveries of one topic, in any order.
+pub type RawHandler = Arc<dyn Fn(Delivery) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
+
+/// The handler registered for a topic.
+#[derive(Clone)]
+pub enum Handler {
+    /// Keyed by aggregate ID and ordered; undecodable events go to the dead letter.
+    Envelope(EnvelopeHandler),
+    /// Unordered, for notifications.
+    Raw(RawHandler),
+}
+
+/// Retry policy for failing handlers: in place, while later events of the
+/// same aggregate wait.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts before the event goes to the dead letter (at least 1).
+    pub max_attempts: u32,
+    #[serde(with = "crate::config::millis")]
+    pub initial_backoff: Duration,
+    #[serde(with = "crate::config::millis")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig { max_attempts: 3, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(10) }
+    }
+}
+
+impl RetryConfig {
+    /// Backoff after failed attempt `attempt` (1-based): doubling, capped.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Consumer group shared by every subscribed topic.
+    pub group: String,
+    /// How often advanced frontiers are committed.
+    #[serde(with = "crate::config::millis")]
+    pub commit_interval: Duration,
+    /// How long a revoke waits for the partition's running handlers.
+    #[serde(with = "crate::config::millis")]
+    pub revoke_timeout: Duration,
+    pub retry: RetryConfig,
+    /// Dead-letter topic = origin topic + this suffix.
+    pub dead_letter_suffix: String,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            group: "eventbus".into(),
+            commit_interval: Duration::from_secs(1),
+            revoke_timeout: Duration::from_secs(30),
+            retry: RetryConfig::default(),
+            dead_letter_suffix: ".dlq".into(),
+        }
+    }
+}
+
+/// Counters of a consumer, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    pub delivered: AtomicU64,
+    pub handled: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Broker redeliveries of offsets already dispatched in this assignment.
+    pub redelivered_skipped: AtomicU64,
+    /// Completions dropped because their partition was revoked meanwhile.
+    pub fenced: AtomicU64,
+    pub commits: AtomicU64,
+    pub commit_errors: AtomicU64,
+    pub rebalances: AtomicU64,
+}
+
+impl ConsumerStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the consumer did when it stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerReport {
+    /// Tasks handed back unprocessed by the pool's close (redelivered later).
+    pub handed_back: usize,
+    /// The final commit failed; the uncommitted work will be redelivered.
+    pub final_commit_error: Option<String>,
+}
+
+/// Why the consumer could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("joining the consumer group failed: {0}")]
+    Subscribe(BrokerError),
+    #[error("consumer task failed: {0}")]
+    Task(String),
+}
+
+/// Result of one task, sent back to the consumer loop.
+struct Completion {
+    tp: TopicPartition,
+    epoch: u64,
+    offset: u64,
+    outcome: Outcome,
+}
+
+struct PartitionState {
+    epoch: u64,
+    frontier: Frontier,
+    /// Set on revoke/lost/close: queued tasks of this assignment skip their handler.
+    fence: Arc<AtomicBool>,
+    last_committed: Option<u64>,
+}
+
+enum Control {
+    AddTopic(String, Handler, oneshot::Sender<Result<(), BrokerError>>),
+    Shutdown(Option<Duration>),
+}
+
+/// A running consumer. Dropping it without `shutdown` stops it the same way
+/// (with no deadline for the drain).
+pub struct ConsumerHandle {
+    control: mpsc::UnboundedSender<Control>,
+    join: Option<JoinHandle<Result<ConsumerReport, ConsumerError>>>,
+    stats: Arc<ConsumerStats>,
+}
+
+impl ConsumerHandle {
+    pub fn stats(&self) -> &Arc<ConsumerStats> {
+        &self.stats
+    }
+
+    /// Adds a topic to the running session: one rebalance.
+    pub async fn add_topic(&self, topic: String, handler: Handler) -> Result<(), BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.control.send(Control::AddTopic(topic, handler, tx)).map_err(|_| BrokerError::Closed)?;
+        rx.await.map_err(|_| BrokerError::Closed)?
+    }
+
+    /// Stops intake, closes the pool (drain, or hand back after `deadline`),
+    /// commits the final frontiers and leaves the group.
+    pub async fn shutdown(mut self, deadline: Option<Duration>) -> Result<ConsumerReport, ConsumerError> {
+        let _ = self.control.send(Control::Shutdown(deadline));
+        let join = self.join.take().expect("joined once");
+        join.await.map_err(|e| ConsumerError::Task(e.to_string()))?
+    }
+}
+
+impl Drop for ConsumerHandle {
+    fn drop(&mut self) {
+        let _ = self.control.send(Control::Shutdown(None));
+    }
+}
+
+/// Starts the consumer: joins `config.group` for every topic in `handlers`
+/// with one session, then dispatches into `pool` until shut down.
+pub async fn start<B: Broker>(
+    broker: Arc<B>,
+    pool: Pool,
+    config: ConsumerConfig,
+    handlers: BTreeMap<String, Handler>,
+) -> Result<ConsumerHandle, ConsumerError> {
+    let topics: Vec<String> = handlers.keys().cloned().collect();
+    let session = broker.subscribe(&config.group, &topics).await.map_err(ConsumerError::Subscribe)?;
+    let stats = Arc::new(ConsumerStats::default());
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let consumer = Consumer {
+        broker,
+        pool,
+        config: Arc::new(config),
+        handlers,
+        partitions: BTreeMap::new(),
+        next_epoch: 1,
+        done_tx,
+        stats: stats.clone(),
+    };
+    let join = tokio::spawn(consumer.run(session, control_rx, done_rx));
+    Ok(ConsumerHandle { control: control_tx, join: Some(join), stats })
+}
+
+struct Consumer<B: Broker> {
+    broker: Arc<B>,
+    pool: Pool,
+    config: Arc<ConsumerConfig>,
+    handlers: BTreeMap<String, Handler>,
+    partitions: BTreeMap<TopicPartition, PartitionState>,
+    next_epoch: u64,
+    done_tx: mpsc::UnboundedSender<Completion>,
+    stats: Arc<ConsumerStats>,
+}
+
+type PendingSubmit = BoxFuture<'static, Result<(), Rejected>>;
+
+impl<B: Broker> Consumer<B> {
+    async fn run(
+        mut self,
+        mut session: B::Session,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        mut done: mpsc::UnboundedReceiver<Completion>,
+    ) -> Result<ConsumerReport, ConsumerError> {
+        let mut tick = tokio::time::interval(self.config.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A delivery waiting for room in the pool: while it waits, nothing
+        // more is read (back-pressure instead of an unbounded buffer).
+        let mut pending: Option<PendingSubmit> = None;
+        let deadline = loop {
+            tokio::select! {
+                biased;
+                Some(c) = done.recv() => self.on_completion(c),
+                cmd = control.recv() => match cmd {
+                    Some(Control::AddTopic(topic, handler, reply)) => {
+                        self.handlers.insert(topic, handler);
+                        let topics: Vec<String> = self.handlers.keys().cloned().collect();
+                        let _ = reply.send(session.set_topics(&topics).await);
+                    }
+                    Some(Control::Shutdown(deadline)) => break deadline,
+                    None => break None,
+                },
+                _ = tick.tick() => {
+                    let _ = self.commit(&mut session, None).await;
+                }
+                submitted = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
+                    pending = None;
+                    if let Err(rejected) = submitted {
+                        if rejected.error == SubmitError::Closed {
+                            tracing::warn!("pool closed under the consumer; stopping");
+                            break None;
+                        }
+                    }
+                }
+                event = session.next(), if pending.is_none() => match event {
+                    Ok(SessionEvent::Message(d)) => pending = self.dispatch(d),
+                    Ok(SessionEvent::Assigned(tps)) => self.assign(tps),
+                    Ok(SessionEvent::Revoked(tps)) => self.revoke(&mut session, &mut done, tps).await,
+                    Ok(SessionEvent::Lost(tps)) => self.lose(tps),
+                    Err(BrokerError::Closed) => {
+                        tracing::warn!("consumer session closed by the broker");
+                        break None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer session error; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        };
+        // Close: stop intake, let the pool drain (or hand back after the
+        // deadline), account for every task, commit, leave the group.
+        drop(pending);
+        let close = self.pool.close(deadline).await;
+        while let Ok(c) = done.try_recv() {
+            self.on_completion(c);
+        }
+        let mut report = ConsumerReport { handed_back: close.handed_back, final_commit_error: None };
+        let all: Vec<TopicPartition> = self.partitions.keys().cloned().collect();
+        if let Err(e) = self.commit(&mut session, Some(&all)).await {
+            report.final_commit_error = Some(e.to_string());
+        }
+        if let Err(e) = session.close().await {
+            tracing::warn!(error = %e, "leaving the consumer group failed");
+        }
+        Ok(report)
+    }
+
+    fn assign(&mut self, tps: Vec<TopicPartition>) {
+        ConsumerStats::bump(&self.stats.rebalances);
+        for tp in tps {
+            tracing::debug!(partition = %tp, "assigned");
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            let state = PartitionState {
+                epoch,
+                frontier: Frontier::new(),
+                fence: Arc::new(AtomicBool::new(false)),
+                last_committed: None,
+            };
+            if let Some(old) = self.partitions.insert(tp, state) {
+                old.fence.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Revoke: fence queued work, wait (bounded) for running handlers,
+    /// commit the frontier, then release the partitions.
+    async fn revoke(
+        &mut self,
+        session: &mut B::Session,
+        done: &mut mpsc::UnboundedReceiver<Completion>,
+        tps: Vec<TopicPartition>,
+    ) {
+        ConsumerStats::bump(&self.stats.rebalances);
+        for tp in &tps {
+            if let Some(p) = self.partitions.get(tp) {
+                p.fence.store(true, Ordering::Release);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.config.revoke_timeout;
+        while tps.iter().any(|tp| self.partitions.get(tp).is_some_and(|p| p.frontier.in_flight() > 0)) {
+            tokio::select! {
+                Some(c) = done.recv() => self.on_completion(c),
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(?tps, "revoke timed out waiting for running handlers; their results will be fenced");
+                    break;
+                }
+            }
+        }
+        let _ = self.commit(session, Some(&tps)).await;
+        for tp in &tps {
+            self.partitions.remove(tp);
+        }
+        if let Err(e) = session.release(&tps).await {
+            tracing::warn!(error = %e, "releasing revoked partitions failed");
+        }
+    }
+
+    fn lose(&mut self, tps: Vec<TopicPartition>) {
+        ConsumerStats::bump(&self.stats.rebalances);
+        for tp in tps {
+            tracing::warn!(partition = %tp, "partition lost; its uncommitted work will be redelivered elsewhere");
+            if let Some(p) = self.partitions.remove(&tp) {
+                p.fence.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Turns a delivery into a pool task. Returns the submit still waiting
+    /// for room, if the pool is full.
+    fn dispatch(&mut self, delivery: Delivery) -> Option<PendingSubmit> {
+        let tp = delivery.topic_partition();
+        let Some(state) = self.partitions.get_mut(&tp) else {
+            // Arrived after its partition was revoked; the next owner reads it.
+            return None;
+        };
+        if state.frontier.seen(delivery.offset) {
+            ConsumerStats::bump(&self.stats.redelivered_skipped);
+            return None;
+        }
+        let Some(handler) = self.handlers.get(&*delivery.topic).cloned() else {
+            tracing::warn!(topic = %delivery.topic, "delivery for a topic without handler; left uncommitted");
+            return None;
+        };
+        ConsumerStats::bump(&self.stats.delivered);
+        state.frontier.dispatched(delivery.offset);
+        let (epoch, offset) = (state.epoch, delivery.offset);
+        let done = self.done_tx.clone();
+        let reply_tp = tp.clone();
+        let reply = move |outcome: Outcome| {
+            let _ = done.send(Completion { tp: reply_tp, epoch, offset, outcome });
+        };
+        let ctx = task::TaskContext {
+            broker: self.broker.clone(),
+            config: self.config.clone(),
+            stats: self.stats.clone(),
+            fence: state.fence.clone(),
+        };
+        let task = task::build(ctx, handler, delivery, reply);
+        match self.pool.try_submit(task) {
+            Ok(()) => None,
+            Err(Rejected { error: SubmitError::QueueFull { .. }, task }) => {
+                let pool = self.pool.clone();
+                Some(async move { pool.submit_wait(task).await }.boxed())
+            }
+            Err(rejected) => {
+                // Closed: dropping the task reports it unprocessed.
+                drop(rejected);
+                None
+            }
+        }
+    }
+
+    fn on_completion(&mut self, c: Completion) {
+        let Some(state) = self.partitions.get_mut(&c.tp).filter(|s| s.epoch == c.epoch) else {
+            ConsumerStats::bump(&self.stats.fenced);
+            return;
+        };
+        match c.outcome {
+            Outcome::Done(Ok(())) => state.frontier.completed(c.offset),
+            Outcome::Done(Err(e)) => {
+                tracing::debug!(partition = %c.tp, offset = c.offset, error = %e, "event not completed; frontier held");
+                state.frontier.abandoned(c.offset);
+            }
+            Outcome::NotProcessed => state.frontier.abandoned(c.offset),
+        }
+    }
+
+    /// Commits advanced frontiers (of `only`, or of every partition).
+    async fn commit(&mut self, session: &mut B::Session, only: Option<&[TopicPartition]>) -> Result<(), BrokerError> {
+        let mut offsets = Vec::new();
+        for (tp, state) in &self.partitions {
+            if only.is_some_and(|o| !o.contains(tp)) {
+                continue;
+            }
+            if let Some(point) = state.frontier.commit_point() {
+                if state.last_committed.is_none_or(|last| point > last) {
+                    offsets.push((tp.clone(), point));
+                }
+            }
+        }
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        match session.commit(&offsets).await {
+            Ok(()) => {
+                ConsumerStats::bump(&self.stats.commits);
+                for (tp, point) in offsets {
+                    if let Some(state) = self.partitions.get_mut(&tp) {
+                        state.last_committed = Some(point);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                ConsumerStats::bump(&self.stats.commit_errors);
+                tracing::warn!(error = %e, "commit failed; will retry");
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! What one delivery does on a pool worker: decode, run the handler with
+//! in-place retries, and dead-letter it when it cannot be handled.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::FutureExt;
+
+use super::{ConsumerConfig, ConsumerStats, Handler};
+use crate::broker::{Broker, Delivery, Outbound};
+use crate::envelope::{aggregate_id_from, Envelope};
+use crate::pool::{panic_message, HandlerError, HandlerPanicked, HandlerResult, Key, Outcome, Task};
+
+/// Dead-letter headers: why, after how many attempts, and where it came from.
+pub const DLQ_ERROR: &str = "x-dlq-error";
+pub const DLQ_REASON: &str = "x-dlq-reason";
+pub const DLQ_ATTEMPTS: &str = "x-dlq-attempts";
+pub const DLQ_ORIGIN_TOPIC: &str = "x-dlq-origin-topic";
+pub const DLQ_ORIGIN_PARTITION: &str = "x-dlq-origin-partition";
+pub const DLQ_ORIGIN_OFFSET: &str = "x-dlq-origin-offset";
+
+/// The task stopped because its partition was revoked; it did not complete.
+#[derive(Debug, thiserror::Error)]
+#[error("partition revoked before the event completed")]
+pub struct Fenced;
+
+pub(super) struct TaskContext<B> {
+    pub broker: Arc<B>,
+    pub config: Arc<ConsumerConfig>,
+    pub stats: Arc<ConsumerStats>,
+    pub fence: Arc<AtomicBool>,
+}
+
+impl<B> TaskContext<B> {
+    fn fenced(&self) -> bool {
+        self.fence.load(Ordering::Acquire)
+    }
+}
+
+/// Builds the pool task for `delivery`: its key is the aggregate ID
+/// (envelope > header > key) for envelope topics, none for raw topics.
+pub(super) fn build<B: Broker>(
+    ctx: TaskContext<B>,
+    handler: Handler,
+    delivery: Delivery,
+    reply: impl FnOnce(Outcome) + Send + 'static,
+) -> Task {
+    match handler {
+        Handler::Raw(h) => {
+            let work = async move {
+                let run = {
+                    let delivery = delivery.clone();
+                    move || h(delivery.clone())
+                };
+                handle_with_retries(&ctx, &delivery, run).await
+            };
+            Task::new(None, work, reply)
+        }
+        Handler::Envelope(h) => {
+            let decoded = Envelope::decode(&delivery.payload);
+            let key = aggregate_id_from(decoded.as_ref().ok(), &delivery.headers, delivery.key.as_deref(), None)
+                .map(|id| Key::from(id.id));
+            let work = async move {
+                match decoded {
+                    Ok(envelope) => handle_with_retries(&ctx, &delivery, move || h(envelope.clone())).await,
+                    Err(e) => {
+                        if ctx.fenced() {
+                            return Err(Box::new(Fenced) as HandlerError);
+                        }
+                        dead_letter(&ctx, &delivery, "decode", &e.to_string(), 0).await
+                    }
+                }
+            };
+            Task::new(key, work, reply)
+        }
+    }
+}
+
+async fn handle_with_retries<B, F, Fut>(ctx: &TaskContext<B>, delivery: &Delivery, run: F) -> HandlerResult
+where
+    B: Broker,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = HandlerResult>,
+{
+    let retry = &ctx.config.retry;
+    let attempts = retry.max_attempts.max(1);
+    let mut last_error = String::new();
+    for attempt in 1..=attempts {
+        // Revoked while queued or between attempts: the next owner redoes it.
+        if ctx.fenced() {
+            return Err(Box::new(Fenced));
+        }
+        let result = match AssertUnwindSafe(run()).catch_unwind().await {
+            Ok(r) => r,
+            Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic))) as HandlerError),
+        };
+        match result {
+            Ok(()) => {
+                ConsumerStats::bump(&ctx.stats.handled);
+                return Ok(());
+            }
+            Err(e) => {
+                last_error = e.to_string();
+                tracing::debug!(topic = %delivery.topic, offset = delivery.offset, attempt, error = %last_error, "handler failed");
+                if attempt < attempts {
+                    ConsumerStats::bump(&ctx.stats.retried);
+                    tokio::time::sleep(retry.backoff(attempt)).await;
+                }
+            }
+        }
+    }
+    dead_letter(ctx, delivery, "handler", &last_error, attempts).await
+}
+
+/// Publishes `delivery` to its dead-letter topic, retrying until the broker
+/// takes it: only then does the event count as complete.
+async fn dead_letter<B: Broker>(
+    ctx: &TaskContext<B>,
+    delivery: &Delivery,
+    reason: &str,
+    error: &str,
+    attempts: u32,
+) -> HandlerResult {
+    let mut headers = delivery.headers.clone();
+    headers.extend([
+        (DLQ_REASON.to_string(), reason.as_bytes().to_vec()),
+        (DLQ_ERROR.to_string(), error.as_bytes().to_vec()),
+        (DLQ_ATTEMPTS.to_string(), attempts.to_string().into_bytes()),
+        (DLQ_ORIGIN_TOPIC.to_string(), delivery.topic.as_bytes().to_vec()),
+        (DLQ_ORIGIN_PARTITION.to_string(), delivery.partition.to_string().into_bytes()),
+        (DLQ_ORIGIN_OFFSET.to_string(), delivery.offset.to_string().into_bytes()),
+    ]);
+    let msg = Outbound {
+        topic: format!("{}{}", delivery.topic, ctx.config.dead_letter_suffix),
+        key: delivery.key.clone(),
+        headers,
+        payload: delivery.payload.clone(),
+    };
+    let mut attempt = 1;
+    loop {
+        match ctx.broker.publish(msg.clone()).await {
+            Ok(_) => {
+                ConsumerStats::bump(&ctx.stats.dead_lettered);
+                tracing::warn!(topic = %delivery.topic, offset = delivery.offset, reason, error, "event dead-lettered");
+                return Ok(());
+            }
+            Err(e) => {
+                if ctx.fenced() {
+                    return Err(Box::new(Fenced));
+                }
+                tracing::warn!(error = %e, topic = %msg.topic, "dead-letter publish failed; retrying");
+                tokio::time::sleep(ctx.config.retry.backoff(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
