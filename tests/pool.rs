@@ -80,6 +80,20 @@ async fn assert_no_tasks_alive() {
     }
 }
 
+/// Waits (yielding, bounded by the hang guard) until `cond` holds.
+///
+/// The pool calls a task's reply *before* it releases the task's key in the
+/// core (so replies of one key arrive in order), hence a submitter that has
+/// seen a reply may still briefly see that task in flight in `stats()`. Tests
+/// that assert an exact snapshot first wait for the pool to settle.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < HANG_GUARD, "timed out waiting until {what}");
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Records, per task index, every call of its reply.
 #[derive(Default)]
 struct Replies {
@@ -253,6 +267,7 @@ fn stuck_key_does_not_block_other_keys() {
         }
         assert_eq!(replies.total(), 1_000, "nothing of the stuck key may have completed");
         assert_eq!(followers_run.load(SeqCst), 0, "a follower overtook the stuck message");
+        wait_until("only the stuck message is in flight", || pool.stats().in_flight == 1).await;
         let stats = pool.stats();
         assert_eq!((stats.in_flight, stats.queued, stats.active_keys), (1, 3, 1), "{stats:?}");
 
@@ -582,8 +597,9 @@ fn close_with_deadline_hands_back_stuck_and_queued() {
             pool.submit(ok_task(key(k), &replies, next)).await.unwrap();
             next += 1;
         }
+        wait_until("the last fast message has left", || pool.stats().in_flight == 3).await;
         let s = pool.stats();
-        assert_eq!((s.in_flight, s.queued), (3, 12), "{s:?}");
+        assert_eq!((s.in_flight, s.queued, s.active_keys), (3, 12, 3), "{s:?}");
 
         let started_close = Instant::now();
         let report = pool.close(Some(Duration::from_millis(100))).await;
