@@ -1,1 +1,75 @@
-fn main() {}
+//! The `eventbus` command line: `eventbus demo` runs the seed's comparison
+//! scenario (5 topics × 3 partitions, ordered aggregates, rising pressure) on
+//! the in-memory broker and checks the bus's contract at every level.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Debug, Parser)]
+#[command(name = "eventbus", version, about = "A verified keyed event bus")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the seed's comparison scenario on the in-memory broker.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Pressure levels (messages per level), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [500u64, 2_000, 5_000, 10_000], conflicts_with = "messages")]
+    pub levels: Vec<u64>,
+
+    /// Run a single level with this many messages.
+    #[arg(long)]
+    pub messages: Option<u64>,
+
+    /// Simulated handler work in microseconds (tokio sleep; 0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub handler_us: u64,
+
+    /// Bus configuration file (`.toml`, `.yaml` or `.yml`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Also print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Give up on a level after this many seconds (reported as a failure).
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+
+    /// Runtime worker threads (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Demo(args) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.enable_all();
+            if let Some(w) = args.workers {
+                builder.worker_threads(w.max(1));
+            }
+            let runtime = match builder.build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot build the tokio runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            runtime.block_on(demo::run(args))
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! production consumer runs unchanged on all of them.
 
 pub mod memory;
+#[cfg(feature = "nats")] pub mod nats;
 
 use std::fmt;
 use std::future::Future;

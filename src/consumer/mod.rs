@@ -10,6 +10,11 @@
 pub mod frontier;
 mod task;
 
+/// Header names of dead-letter messages.
+pub mod task_headers {
+    pub use super::task::{DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_REASON};
+}
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -377,7 +382,10 @@ impl<B: Broker> Consumer<B> {
             return None;
         }
         let Some(handler) = self.handlers.get(&*delivery.topic).cloned() else {
+            // Never commit past it: hold the frontier so it is redelivered.
             tracing::warn!(topic = %delivery.topic, "delivery for a topic without handler; left uncommitted");
+            state.frontier.dispatched(delivery.offset);
+            state.frontier.abandoned(delivery.offset);
             return None;
         };
         ConsumerStats::bump(&self.stats.delivered);

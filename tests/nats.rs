@@ -1,0 +1,943 @@
+#![cfg(not(feature = "loom"))]
+#![cfg(feature = "nats")]
+//! The NATS JetStream adapter against a real nats-server (with `-js`).
+//!
+//! The shared server is at `EVENTBUS_NATS_URL` (default
+//! `nats://127.0.0.1:4222`); a test fails with a clear message when it is not
+//! reachable. Every test uses topics (streams) and groups with a random
+//! suffix, and deletes its streams at the end, so reruns do not collide.
+//! The server-restart test starts its own `nats-server` (`NATS_SERVER_BIN`,
+//! default `/usr/sbin/nats-server`) on a spare port with a temporary store.
+//!
+//! The crash test re-runs this test binary as a child process in the mode
+//! selected by `EVENTBUS_NATS_CHILD` (see [`child_process_entry`]); without
+//! that variable the entry returns at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eventbus::broker::nats::{NatsBroker, NatsConfig};
+use eventbus::bus::BusConfig;
+use eventbus::checker::OrderChecker;
+use eventbus::consumer::{ConsumerConfig, RetryConfig};
+use eventbus::pool::PoolConfig;
+use eventbus::{Broker, Envelope, EventBus};
+use tokio::sync::{mpsc, watch};
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+fn nats_url() -> String {
+    std::env::var("EVENTBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("ebt-{prefix}-{:08x}", rand::random::<u32>())
+}
+
+fn nats_config(url: &str) -> NatsConfig {
+    NatsConfig { url: url.to_string(), ..NatsConfig::default() }
+}
+
+/// Logs to stderr when `RUST_LOG` is set.
+fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
+/// Connects or fails the test with what to do about it.
+async fn connect(config: NatsConfig) -> NatsBroker {
+    init_tracing();
+    let url = config.url.clone();
+    match NatsBroker::connect(config).await {
+        Ok(b) => b,
+        Err(e) => {
+            let ci = if std::env::var_os("CI").is_some() { " (CI: .ci/run must start it)" } else { "" };
+            panic!(
+                "NATS JetStream server not reachable at {url}: {e}{ci}. Start one with `start-stop-daemon --start \
+                 --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd \
+                 /var/lib/nats-server`, or point EVENTBUS_NATS_URL at one."
+            )
+        }
+    }
+}
+
+fn bus_config(group: &str) -> BusConfig {
+    BusConfig {
+        pool: PoolConfig { concurrency: 64, capacity: 4096, wait_timeout: Duration::from_millis(500) },
+        consumer: ConsumerConfig {
+            group: group.to_string(),
+            commit_interval: Duration::from_millis(100),
+            ..ConsumerConfig::default()
+        },
+        close_timeout: Some(Duration::from_secs(20)),
+    }
+}
+
+async fn cleanup(broker: &NatsBroker, topics: &[String]) {
+    for t in topics {
+        let _ = broker.delete_topic(t).await;
+        let _ = broker.delete_topic(&format!("{t}.dlq")).await;
+    }
+}
+
+/// Counts first completions and lets a test wait for a number of them.
+#[derive(Clone)]
+struct Progress {
+    done: Arc<Mutex<BTreeSet<(String, i64)>>>,
+    tx: Arc<watch::Sender<usize>>,
+}
+
+impl Progress {
+    fn new() -> (Progress, watch::Receiver<usize>) {
+        let (tx, rx) = watch::channel(0);
+        (Progress { done: Arc::default(), tx: Arc::new(tx) }, rx)
+    }
+
+    fn completed(&self, agg: &str, version: i64) {
+        let n = {
+            let mut done = self.done.lock().unwrap();
+            done.insert((agg.to_string(), version));
+            done.len()
+        };
+        self.tx.send_replace(n);
+    }
+}
+
+async fn wait_for(rx: &mut watch::Receiver<usize>, target: usize, limit: Duration, what: &str) {
+    let reached = tokio::time::timeout(limit, rx.wait_for(|n| *n >= target)).await.is_ok();
+    assert!(reached, "{what}: only {} of {target} events completed within {limit:?}", *rx.borrow());
+}
+
+/// An envelope handler that records begin/complete in the checker, with a
+/// little simulated work.
+fn checked_handler(
+    checker: Arc<OrderChecker>,
+    progress: Progress,
+    work: Duration,
+) -> impl Fn(Envelope) -> futures::future::BoxFuture<'static, eventbus::pool::HandlerResult> + Send + Sync + 'static {
+    move |env: Envelope| {
+        let checker = checker.clone();
+        let progress = progress.clone();
+        Box::pin(async move {
+            checker.begin(&env.aggregate_id, env.event_version);
+            if !work.is_zero() {
+                tokio::time::sleep(work).await;
+            }
+            checker.complete(&env.aggregate_id, env.event_version);
+            progress.completed(&env.aggregate_id, env.event_version);
+            Ok(())
+        })
+    }
+}
+
+fn event(agg: &str, version: i64) -> Envelope {
+    Envelope::new(agg, "Updated", version, &serde_json::json!({ "v": version })).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Round trip.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_through_the_bus() {
+    let topic = unique("rt");
+    let raw_topic = unique("rt-raw");
+    let group = unique("g");
+    let broker = connect(nats_config(&nats_url())).await;
+    let admin = broker.clone();
+    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
+
+    let (env_tx, mut env_rx) = mpsc::unbounded_channel();
+    bus.subscribe_envelope(&topic, move |env| {
+        let tx = env_tx.clone();
+        async move {
+            tx.send(env).unwrap();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
+    bus.subscribe(&raw_topic, move |d| {
+        let tx = raw_tx.clone();
+        async move {
+            tx.send(d).unwrap();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    bus.start().await.unwrap();
+
+    let env = event("order-1", 1).with_trace_id("trace-1");
+    let first = bus.publish_envelope(&topic, &env).await.unwrap();
+    assert_eq!(first.partition, 0);
+    assert!(!first.duplicate);
+    // A retried publish of the same envelope is stored once.
+    let again = bus.publish_envelope(&topic, &env).await.unwrap();
+    assert!(again.duplicate, "the retried publish was stored twice");
+    assert_eq!(again.offset, first.offset);
+    let got = tokio::time::timeout(Duration::from_secs(10), env_rx.recv()).await.expect("envelope delivered").unwrap();
+    assert_eq!(got, env);
+
+    let headers = vec![("X-Custom".to_string(), b"v1".to_vec()), ("X-Multi".to_string(), b"a\nb".to_vec())];
+    let pos = bus.publish(&raw_topic, Some(b"key-\x01\xff"), headers, b"hello".to_vec()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), raw_rx.recv()).await.expect("raw delivered").unwrap();
+    assert_eq!((d.partition, d.offset, d.attempt), (0, pos.offset, 1));
+    assert_eq!(d.payload, b"hello");
+    assert_eq!(d.key.as_deref(), Some(&b"key-\x01\xff"[..]));
+    let header = |n: &str| d.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    assert_eq!(header("X-Custom"), Some(b"v1".to_vec()));
+    assert_eq!(header("X-Multi"), Some(b"a b".to_vec()), "multi-line header values become one line");
+    assert!(d.timestamp.is_some());
+
+    // Subscribing after start adds the topic to the running session.
+    let late_topic = unique("rt-late");
+    let (late_tx, mut late_rx) = mpsc::unbounded_channel();
+    bus.subscribe_envelope(&late_topic, move |env| {
+        let tx = late_tx.clone();
+        async move {
+            tx.send(env).unwrap();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let late = event("order-2", 1);
+    bus.publish_envelope(&late_topic, &late).await.unwrap();
+    let got =
+        tokio::time::timeout(Duration::from_secs(10), late_rx.recv()).await.expect("late topic delivered").unwrap();
+    assert_eq!(got, late);
+
+    let stats = bus.consumer_stats().await.unwrap();
+    let report = bus.close().await;
+    assert_eq!(report.final_commit_error, None);
+    assert_eq!(stats.delivered.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.redelivered_skipped.load(Ordering::Relaxed), 0);
+    // The final commit acknowledged both, with confirmation.
+    assert_eq!(admin.ack_floor(&group, &topic).await.unwrap(), Some(first.offset));
+    assert_eq!(admin.ack_floor(&group, &raw_topic).await.unwrap(), Some(pos.offset));
+    assert_eq!(admin.ack_floor(&group, &late_topic).await.unwrap(), Some(1));
+    cleanup(&admin, &[topic, raw_topic, late_topic]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configuration_names_the_key() {
+    let config = NatsConfig {
+        ack_wait: Duration::from_secs(1),
+        progress_interval: Duration::from_secs(2),
+        ..nats_config(&nats_url())
+    };
+    match NatsBroker::connect(config).await {
+        Err(eventbus::BrokerError::Config { key, .. }) => assert_eq!(key, "nats.progress_interval"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    let broker = connect(nats_config(&nats_url())).await;
+    let err = broker.ensure_topic("a.*", 1).await.unwrap_err();
+    assert!(matches!(err, eventbus::BrokerError::Config { ref key, .. } if key == "nats.topic"), "{err:?}");
+    let err = broker.ensure_topic(&unique("p"), 3).await.unwrap_err();
+    assert!(matches!(err, eventbus::BrokerError::Config { ref key, .. } if key == "partitions"), "{err:?}");
+    let existing =
+        NatsConfig { strategy: eventbus::broker::nats::StreamStrategy::Existing, ..nats_config(&nats_url()) };
+    let broker = connect(existing).await;
+    let err = broker.ensure_topic(&unique("missing"), 1).await.unwrap_err();
+    assert!(matches!(err, eventbus::BrokerError::UnknownTopic(_)), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The seed's scenario: 5 topics, many aggregates, versions in order.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_five_topics_no_loss_no_order_violation() {
+    const TOPICS: usize = 5;
+    const AGGREGATES: usize = 40;
+    const VERSIONS: i64 = 25;
+    let started = Instant::now();
+    let topics: Vec<String> = (0..TOPICS).map(|i| unique(&format!("seed{i}"))).collect();
+    let group = unique("g");
+    let broker = connect(nats_config(&nats_url())).await;
+    let admin = broker.clone();
+    let bus = Arc::new(EventBus::builder(broker).config(bus_config(&group)).build().unwrap());
+    let checker = Arc::new(OrderChecker::new());
+    let (progress, mut done) = Progress::new();
+    for topic in &topics {
+        bus.subscribe_envelope(topic, checked_handler(checker.clone(), progress.clone(), Duration::from_micros(300)))
+            .await
+            .unwrap();
+    }
+    bus.start().await.unwrap();
+
+    let mut expected = BTreeMap::new();
+    let mut publishers = Vec::new();
+    for (t, topic) in topics.iter().enumerate() {
+        for a in 0..AGGREGATES {
+            let agg = format!("t{t}-agg{a}");
+            expected.insert(agg.clone(), VERSIONS);
+            let bus = bus.clone();
+            let topic = topic.clone();
+            publishers.push(tokio::spawn(async move {
+                for v in 1..=VERSIONS {
+                    bus.publish_envelope(&topic, &event(&agg, v)).await.unwrap();
+                }
+            }));
+        }
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let total = TOPICS * AGGREGATES * VERSIONS as usize;
+    wait_for(&mut done, total, Duration::from_secs(120), "seed scenario").await;
+    let stats = bus.consumer_stats().await.unwrap();
+    let report = bus.close().await;
+    let r = checker.report(&expected);
+    eprintln!(
+        "seed scenario: sent {total}, handled {}, duplicates {}, violations {}, missing {}, redelivered {} in {:?}",
+        r.handled,
+        r.duplicates,
+        r.violations,
+        r.missing,
+        stats.redelivered_skipped.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.handled, total as u64);
+    assert_eq!(r.duplicates, 0, "no faults, so no duplicates");
+    assert_eq!(report.final_commit_error, None);
+    cleanup(&admin, &topics).await;
+}
+
+// ---------------------------------------------------------------------------
+// Retries longer than ack_wait: progress acks keep redeliveries away.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_retries_beyond_ack_wait_are_not_overtaken_by_redelivery() {
+    let topic = unique("retry");
+    let group = unique("g");
+    let config = NatsConfig {
+        ack_wait: Duration::from_millis(1000),
+        progress_interval: Duration::from_millis(250),
+        ..nats_config(&nats_url())
+    };
+    let broker = connect(config).await;
+    let admin = broker.clone();
+    let mut bus_cfg = bus_config(&group);
+    // Fails at t=0 and t=0.7 s, succeeds at t=2.1 s: twice the ack wait.
+    bus_cfg.consumer.retry = RetryConfig {
+        max_attempts: 5,
+        initial_backoff: Duration::from_millis(700),
+        max_backoff: Duration::from_secs(5),
+    };
+    let bus = EventBus::builder(broker).config(bus_cfg).build().unwrap();
+    let checker = Arc::new(OrderChecker::new());
+    let (progress, mut done) = Progress::new();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    {
+        let checker = checker.clone();
+        let attempts = attempts.clone();
+        bus.subscribe_envelope(&topic, move |env: Envelope| {
+            let checker = checker.clone();
+            let progress = progress.clone();
+            let attempts = attempts.clone();
+            async move {
+                checker.begin(&env.aggregate_id, env.event_version);
+                if env.aggregate_id == "slow" && env.event_version == 1 && attempts.fetch_add(1, Ordering::SeqCst) < 2 {
+                    checker.fail(&env.aggregate_id, env.event_version);
+                    return Err("simulated failure".into());
+                }
+                checker.complete(&env.aggregate_id, env.event_version);
+                progress.completed(&env.aggregate_id, env.event_version);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+    bus.start().await.unwrap();
+    let mut expected = BTreeMap::new();
+    for agg in ["slow", "other-1", "other-2"] {
+        expected.insert(agg.to_string(), 5);
+    }
+    // Interleave aggregates, so the stream has newer messages behind the failing one.
+    for v in 1..=5 {
+        for agg in ["slow", "other-1", "other-2"] {
+            bus.publish_envelope(&topic, &event(agg, v)).await.unwrap();
+        }
+    }
+    let started = Instant::now();
+    wait_for(&mut done, 15, Duration::from_secs(30), "retry scenario").await;
+    let elapsed = started.elapsed();
+    let stats = bus.consumer_stats().await.unwrap();
+    bus.close().await;
+    let r = checker.report(&expected);
+    let redelivered = stats.redelivered_skipped.load(Ordering::Relaxed);
+    eprintln!(
+        "retry scenario: sent 15, handled {}, duplicates {}, violations {}, missing {}, attempts of slow v1 {}, \
+         retried {}, redelivered {redelivered}, took {elapsed:?}",
+        r.handled,
+        r.duplicates,
+        r.violations,
+        r.missing,
+        attempts.load(Ordering::SeqCst),
+        stats.retried.load(Ordering::Relaxed)
+    );
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!((r.handled, r.duplicates), (15, 0));
+    assert_eq!(attempts.load(Ordering::SeqCst), 3, "failed twice, then succeeded");
+    assert!(elapsed >= Duration::from_millis(2000), "the retries outlasted ack_wait ({elapsed:?})");
+    assert_eq!(redelivered, 0, "progress acks kept the server from redelivering the held messages");
+    assert_eq!(admin.ack_floor(&group, &topic).await.unwrap(), Some(15));
+    cleanup(&admin, &[topic]).await;
+}
+
+// ---------------------------------------------------------------------------
+// Durable generations: a crash between creating the new one and deleting the
+// old one leaves two; the next session resumes from the newest.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_start_resumes_from_the_newest_durable_generation() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    use futures::StreamExt;
+    let topic = unique("gens");
+    let group = unique("g");
+    let broker = connect(nats_config(&nats_url())).await;
+    for v in 1..=5 {
+        let env = event("agg", v);
+        let msg = eventbus::Outbound {
+            topic: topic.clone(),
+            key: None,
+            headers: env.to_headers(),
+            payload: env.encode().unwrap(),
+        };
+        broker.publish(msg).await.unwrap();
+    }
+    let stream = broker.jetstream().get_stream(broker.config().stream_name(&topic)).await.unwrap();
+    let base = NatsBroker::durable_base(&group, &topic);
+    for (gen, start) in [(1, DeliverPolicy::All), (2, DeliverPolicy::ByStartSequence { start_sequence: 4 })] {
+        let name = format!("{base}_g{gen}");
+        let config = pull::Config {
+            durable_name: Some(name),
+            deliver_policy: start,
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        };
+        stream.create_consumer(config).await.unwrap();
+    }
+    // Generation 2 resumes at 4: its ack floor is 3.
+    assert_eq!(broker.ack_floor(&group, &topic).await.unwrap(), Some(3));
+
+    let bus = EventBus::builder(broker.clone()).config(bus_config(&group)).build().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    bus.subscribe_envelope(&topic, move |env: Envelope| {
+        let tx = tx.clone();
+        async move {
+            tx.send(env.event_version).unwrap();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    bus.start().await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("delivered").unwrap());
+    }
+    bus.close().await;
+    assert_eq!(got, vec![4, 5], "resumed from the newest generation's ack floor");
+    let names: Vec<String> = stream.consumer_names().map(|n| n.unwrap()).collect().await;
+    assert_eq!(names, vec![format!("{base}_g3")], "older generations deleted");
+    assert_eq!(broker.ack_floor(&group, &topic).await.unwrap(), Some(5));
+    cleanup(&broker, &[topic]).await;
+}
+
+// ---------------------------------------------------------------------------
+// Dead letters: `<topic>.dlq` gets its own stream (not the origin's).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_event_goes_to_its_own_dead_letter_stream() {
+    let topic = unique("dlq");
+    let group = unique("g");
+    let broker = connect(nats_config(&nats_url())).await;
+    let admin = broker.clone();
+    let mut cfg = bus_config(&group);
+    cfg.consumer.retry = RetryConfig {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(10),
+    };
+    let bus = EventBus::builder(broker).config(cfg).build().unwrap();
+    let (progress, mut done) = Progress::new();
+    bus.subscribe_envelope(&topic, move |env: Envelope| {
+        let progress = progress.clone();
+        async move {
+            if env.aggregate_id == "bad" && env.event_version == 1 {
+                return Err("poison".into());
+            }
+            progress.completed(&env.aggregate_id, env.event_version);
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    bus.start().await.unwrap();
+    let poison = bus.publish_envelope(&topic, &event("bad", 1)).await.unwrap();
+    bus.publish_envelope(&topic, &event("bad", 2)).await.unwrap();
+    bus.publish_envelope(&topic, &event("good", 1)).await.unwrap();
+    wait_for(&mut done, 2, Duration::from_secs(30), "dead-letter scenario").await;
+    let stats = bus.consumer_stats().await.unwrap();
+    bus.close().await;
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
+    // The origin stream holds only the three events; the dead letter has its own.
+    let js = admin.jetstream();
+    let mut origin = js.get_stream(admin.config().stream_name(&topic)).await.unwrap();
+    assert_eq!(origin.info().await.unwrap().state.messages, 3);
+    let dlq = js.get_stream(admin.config().stream_name(&format!("{topic}.dlq"))).await.unwrap();
+    let dead = dlq.get_raw_message(1).await.unwrap();
+    let header = |n: &str| dead.headers.get(n).map(|v| v.as_str().to_string());
+    assert_eq!(header("x-dlq-reason").as_deref(), Some("handler"));
+    assert_eq!(header("x-dlq-origin-offset"), Some(poison.offset.to_string()));
+    assert_eq!(Envelope::decode(&dead.payload).unwrap().aggregate_id, "bad");
+    assert_eq!(admin.ack_floor(&group, &topic).await.unwrap(), Some(3));
+    cleanup(&admin, &[topic]).await;
+}
+
+// ---------------------------------------------------------------------------
+// A consumer process killed with SIGKILL and restarted.
+
+const CHILD_ENV: &str = "EVENTBUS_NATS_CHILD";
+
+/// The child mode of this test binary (does nothing unless
+/// `EVENTBUS_NATS_CHILD` is set): consumes `CHILD_TOPICS` as `CHILD_GROUP`,
+/// writes `B|C topic aggregate version` lines to `CHILD_LOG` (one write per
+/// line, so a SIGKILL loses no written line) and `DONE <aggregate>
+/// <version>` to stdout per completion; closes the bus cleanly at EOF on stdin.
+#[test]
+fn child_process_entry() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(child_main());
+}
+
+async fn child_main() {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+    let url = var("CHILD_URL");
+    let group = var("CHILD_GROUP");
+    let topics: Vec<String> = var("CHILD_TOPICS").split(',').map(String::from).collect();
+    let log =
+        Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(var("CHILD_LOG")).unwrap()));
+    let broker = connect(nats_config(&url)).await;
+    let mut cfg = bus_config(&group);
+    cfg.consumer.commit_interval = Duration::from_millis(50);
+    let bus = EventBus::builder(broker).config(cfg).build().unwrap();
+    for topic in &topics {
+        let log = log.clone();
+        let topic_name = topic.clone();
+        bus.subscribe_envelope(topic, move |env: Envelope| {
+            let log = log.clone();
+            let topic = topic_name.clone();
+            async move {
+                let line = |kind: &str| format!("{kind} {topic} {} {}\n", env.aggregate_id, env.event_version);
+                log.lock().unwrap().write_all(line("B").as_bytes()).unwrap();
+                tokio::time::sleep(Duration::from_millis(4)).await;
+                log.lock().unwrap().write_all(line("C").as_bytes()).unwrap();
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "DONE {} {}", env.aggregate_id, env.event_version).unwrap();
+                out.flush().unwrap();
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+    bus.start().await.unwrap();
+    // Run until the parent closes stdin.
+    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        let _ = eof_tx.send(());
+    });
+    let _ = eof_rx.await;
+    let report = bus.close().await;
+    println!("CLOSED handed_back={} commit_error={:?}", report.handed_back, report.final_commit_error);
+}
+
+struct ChildProc {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl ChildProc {
+    fn spawn(url: &str, group: &str, topics: &[String], log: &Path) -> ChildProc {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = Command::new(exe)
+            .args(["child_process_entry", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, "1")
+            .env("CHILD_URL", url)
+            .env("CHILD_GROUP", group)
+            .env("CHILD_TOPICS", topics.join(","))
+            .env("CHILD_LOG", log)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("re-running the test binary as the consumer process");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        ChildProc { child, lines }
+    }
+
+    /// The next `DONE` line's (aggregate, version), `None` once stdout closed.
+    async fn next_done(&mut self) -> Option<(String, i64)> {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), self.lines.recv())
+                .await
+                .expect("the consumer process went quiet for 60 s")?;
+            if let Some(rest) = line.strip_prefix("DONE ") {
+                let (agg, v) = rest.split_once(' ').unwrap();
+                return Some((agg.to_string(), v.parse().unwrap()));
+            }
+        }
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Default)]
+struct LogReplay {
+    /// (topic, aggregate, version) completions.
+    completed: BTreeMap<(String, String, i64), u32>,
+    began: Vec<(String, String, i64)>,
+}
+
+/// Feeds a child's log into the checker; a begin without completion (the
+/// kill) is recorded as a failure at the end of the log.
+fn replay(path: &Path, checker: &OrderChecker) -> LogReplay {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = LogReplay::default();
+    let mut running: BTreeMap<String, i64> = BTreeMap::new();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        let [kind, topic, agg, v] = parts[..] else { panic!("torn log line {line:?}") };
+        let v: i64 = v.parse().unwrap();
+        match kind {
+            "B" => {
+                checker.begin(agg, v);
+                running.insert(agg.to_string(), v);
+                out.began.push((topic.to_string(), agg.to_string(), v));
+            }
+            "C" => {
+                checker.complete(agg, v);
+                running.remove(agg);
+                *out.completed.entry((topic.to_string(), agg.to_string(), v)).or_default() += 1;
+            }
+            _ => panic!("bad log line {line:?}"),
+        }
+    }
+    for (agg, v) in running {
+        checker.fail(&agg, v);
+    }
+    out
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_process_killed_and_restarted_loses_nothing_and_keeps_order() {
+    const AGGREGATES: usize = 20;
+    const VERSIONS: i64 = 30;
+    let started = Instant::now();
+    let url = nats_url();
+    let topics = vec![unique("crash-a"), unique("crash-b")];
+    let group = unique("g");
+    let broker = connect(nats_config(&url)).await;
+
+    // Publish everything first, remembering each event's stream sequence.
+    let mut seq_of = BTreeMap::new();
+    let mut expected = BTreeMap::new();
+    for v in 1..=VERSIONS {
+        for (t, topic) in topics.iter().enumerate() {
+            for a in 0..AGGREGATES {
+                let agg = format!("t{t}-agg{a}");
+                let env = event(&agg, v);
+                let payload = env.encode().unwrap();
+                let msg = eventbus::Outbound {
+                    topic: topic.clone(),
+                    key: Some(agg.clone().into_bytes()),
+                    headers: env.to_headers(),
+                    payload,
+                };
+                let pos = broker.publish(msg).await.unwrap();
+                seq_of.insert((topic.clone(), agg.clone(), v), pos.offset);
+                expected.insert(agg, VERSIONS);
+            }
+        }
+    }
+    let total = seq_of.len();
+
+    // First run: SIGKILL after a third of the events completed.
+    let log1 = temp_path("eventbus-nats-crash-1");
+    let mut first = ChildProc::spawn(&url, &group, &topics, &log1);
+    let mut done_first = 0;
+    while done_first < total / 3 {
+        first.next_done().await.expect("first consumer process exited early");
+        done_first += 1;
+    }
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+    let mut floors = BTreeMap::new();
+    for topic in &topics {
+        floors.insert(topic.clone(), broker.ack_floor(&group, topic).await.unwrap().unwrap_or(0));
+    }
+
+    // Second run until every event completed in one of the runs.
+    let checker = OrderChecker::new();
+    let run1 = replay(&log1, &checker);
+    let mut completed: BTreeSet<(String, i64)> = run1.completed.keys().map(|(_, a, v)| (a.clone(), *v)).collect();
+    let log2 = temp_path("eventbus-nats-crash-2");
+    let mut second = ChildProc::spawn(&url, &group, &topics, &log2);
+    while completed.len() < total {
+        let (agg, v) = second.next_done().await.expect("second consumer process exited early");
+        completed.insert((agg, v));
+    }
+    drop(second.child.stdin.take()); // EOF: close cleanly
+    let mut closed = None;
+    while let Some(line) = second.lines.recv().await {
+        if line.starts_with("CLOSED") {
+            closed = Some(line);
+        }
+    }
+    let status = second.child.wait().unwrap();
+    assert!(status.success(), "second consumer process failed: {status}");
+    let closed = closed.expect("the second process closed its bus");
+    assert!(closed.contains("commit_error=None"), "{closed}");
+
+    let run2 = replay(&log2, &checker);
+    let r = checker.report(&expected);
+    // Duplicates: events of the first run handled again; all above the floor.
+    let mut below_floor = Vec::new();
+    for (topic, agg, v) in &run2.began {
+        let seq = seq_of[&(topic.clone(), agg.clone(), *v)];
+        if seq <= floors[topic] {
+            below_floor.push((topic.clone(), agg.clone(), *v, seq));
+        }
+    }
+    let again = run2.completed.keys().filter(|k| run1.completed.contains_key(k)).count();
+    eprintln!(
+        "crash scenario: sent {total}, handled {} (first run {}, second run {}), duplicates {} (re-handled {again}), \
+         violations {}, missing {}, ack floors at kill {floors:?}, in {:?}",
+        r.handled,
+        run1.completed.len(),
+        run2.completed.len(),
+        r.duplicates,
+        r.violations,
+        r.missing,
+        started.elapsed()
+    );
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.handled, total as u64);
+    assert!(
+        below_floor.is_empty(),
+        "the restarted process re-handled events at or below the ack floor: {below_floor:?}"
+    );
+    let _ = std::fs::remove_file(&log1);
+    let _ = std::fs::remove_file(&log2);
+    cleanup(&broker, &topics).await;
+}
+
+// ---------------------------------------------------------------------------
+// nats-server restarted mid-stream.
+
+struct Server {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn bin() -> String {
+        std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".into())
+    }
+
+    fn spare_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Starts nats-server and waits for its "Server is ready" log line.
+    async fn start(port: u16, dir: &Path) -> Server {
+        let mut child = Command::new(Self::bin())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", Self::bin()));
+        let stderr = child.stderr.take().unwrap();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut ready = Some(ready_tx);
+            let mut seen = Vec::new();
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("Server is ready") {
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                } else if ready.is_some() {
+                    seen.push(line);
+                }
+            }
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(Err(seen.join("\n")));
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(log))) => panic!("nats-server on port {port} exited before it was ready:\n{log}"),
+            other => panic!("nats-server on port {port} not ready: {other:?}"),
+        }
+        Server { child: Some(child), dir: dir.to_path_buf() }
+    }
+
+    /// SIGKILL, then wait for the exit.
+    async fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_mid_stream_resumes_without_loss() {
+    const AGGREGATES: usize = 20;
+    const VERSIONS: i64 = 40;
+    let started = Instant::now();
+    let port = Server::spare_port();
+    let dir = temp_path("eventbus-nats-store");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = Server::start(port, &dir).await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let topics = vec![unique("restart-a"), unique("restart-b")];
+    let group = unique("g");
+    let config =
+        NatsConfig { ack_wait: Duration::from_secs(5), request_timeout: Duration::from_secs(2), ..nats_config(&url) };
+    let broker = connect(config).await;
+    let nats_stats = broker.stats().clone();
+    let bus = Arc::new(EventBus::builder(broker).config(bus_config(&group)).build().unwrap());
+    let checker = Arc::new(OrderChecker::new());
+    let (progress, mut done) = Progress::new();
+    for topic in &topics {
+        let fast = checked_handler(checker.clone(), progress.clone(), Duration::from_millis(2));
+        let slow = checked_handler(checker.clone(), progress.clone(), Duration::from_millis(100));
+        // One slow aggregate keeps messages held (queued in the pool) across
+        // the restart, so the new durable generation redelivers them.
+        bus.subscribe_envelope(
+            topic,
+            move |env: Envelope| if env.aggregate_id == "t0-agg0" { slow(env) } else { fast(env) },
+        )
+        .await
+        .unwrap();
+    }
+    bus.start().await.unwrap();
+
+    // Publishers keep going through the outage: a failed publish is retried
+    // (Nats-Msg-Id makes a retry of a stored one a duplicate, not a copy).
+    let publish_failures = Arc::new(AtomicUsize::new(0));
+    let (pace_tx, pace_rx) = watch::channel(false);
+    let mut expected = BTreeMap::new();
+    let mut publishers = Vec::new();
+    for (t, topic) in topics.iter().enumerate() {
+        for a in 0..AGGREGATES {
+            let agg = format!("t{t}-agg{a}");
+            expected.insert(agg.clone(), VERSIONS);
+            let bus = bus.clone();
+            let topic = topic.clone();
+            let failures = publish_failures.clone();
+            let mut pace = pace_rx.clone();
+            publishers.push(tokio::spawn(async move {
+                for v in 1..=VERSIONS {
+                    // The second half is published from the outage on.
+                    if v == VERSIONS / 2 + 1 {
+                        pace.wait_for(|go| *go).await.unwrap();
+                    }
+                    let env = event(&agg, v);
+                    while let Err(e) = bus.publish_envelope(&topic, &env).await {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "publish failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await; // retry pacing
+                    }
+                }
+            }));
+        }
+    }
+    let total = topics.len() * AGGREGATES * VERSIONS as usize;
+    // Kill the server while the consumer is in the middle of the first half.
+    wait_for(&mut done, total / 4, Duration::from_secs(60), "before the restart").await;
+    server.kill().await;
+    let handled_at_kill = *done.borrow();
+    pace_tx.send_replace(true);
+    let mut server = Server::start(port, &dir).await;
+    for p in publishers {
+        p.await.unwrap();
+    }
+    wait_for(&mut done, total, Duration::from_secs(120), "after the restart").await;
+    let stats = bus.consumer_stats().await.unwrap();
+    let report = bus.close().await;
+    let r = checker.report(&expected);
+    eprintln!(
+        "server restart: sent {total}, handled {}, duplicates {}, violations {}, missing {}, handled at kill \
+         {handled_at_kill}, publish retries {}, redelivered {}, connects {}, re-anchors {}, lost deliveries {}, \
+         re-acked {}, in {:?}",
+        r.handled,
+        r.duplicates,
+        r.violations,
+        r.missing,
+        publish_failures.load(Ordering::Relaxed),
+        stats.redelivered_skipped.load(Ordering::Relaxed),
+        nats_stats.connects.load(Ordering::Relaxed),
+        nats_stats.reanchors.load(Ordering::Relaxed),
+        nats_stats.lost_deliveries.load(Ordering::Relaxed),
+        nats_stats.reacked.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.handled, total as u64);
+    assert_eq!(report.final_commit_error, None);
+    assert!(nats_stats.connects.load(Ordering::Relaxed) >= 2, "the client reconnected");
+    assert!(nats_stats.reanchors.load(Ordering::Relaxed) >= 1, "the sessions re-anchored after the reconnect");
+    server.kill().await;
+    let _ = std::fs::remove_dir_all(&server.dir);
+}
