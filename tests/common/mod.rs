@@ -96,17 +96,16 @@ pub async fn subscribe_checked(
     }
 }
 
-/// Tasks of the current runtime still alive. Every task of ours has been
-/// joined when this is called; tokio drops a joined task from its count a
-/// moment after the join resolves (on the thread that ran it), so give the
-/// scheduler a bounded number of turns to finish that bookkeeping. A task
-/// that is really alive stays counted.
+/// Tasks of the current runtime still alive, once every task of ours has
+/// been joined. tokio wakes a `JoinHandle` a moment before it drops the
+/// finished task from its count (on the thread that ran it), so re-read the
+/// count for up to 5 s, letting other threads run; a task that is really
+/// alive stays counted and is returned.
 pub async fn alive_tasks_after_release() -> usize {
     let metrics = tokio::runtime::Handle::current().metrics();
-    for _ in 0..1000 {
-        if metrics.num_alive_tasks() == 0 {
-            return 0;
-        }
+    let started = std::time::Instant::now();
+    while metrics.num_alive_tasks() > 0 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::yield_now();
         tokio::task::yield_now().await;
     }
     metrics.num_alive_tasks()
