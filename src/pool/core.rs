@@ -91,7 +91,7 @@ struct State<K, T> {
     ready: VecDeque<Job<K, T>>,
     /// A key is present while one of its messages is ready or in flight; the
     /// deque holds the messages waiting behind that one, in submission order.
-    keys: HashMap<K, VecDeque<T>>,
+    keys: HashMap<K, VecDeque<T>, ahash::RandomState>,
     closed: bool,
     aborted: bool,
     room_waiters: Waiters,
@@ -119,7 +119,7 @@ impl<K: Hash + Eq + Clone, T> Core<K, T> {
                 used: 0,
                 in_flight: 0,
                 ready: VecDeque::new(),
-                keys: HashMap::new(),
+                keys: HashMap::default(),
                 closed: false,
                 aborted: false,
                 room_waiters: Waiters::new(),
@@ -213,7 +213,17 @@ impl<K: Hash + Eq + Clone, T> Core<K, T> {
     /// Reports that the in-flight message of `key` (or an unkeyed one) has
     /// finished, freeing its slot and releasing the next message of its key.
     pub fn complete(&self, key: Option<&K>) {
-        let (room, workers) = {
+        self.finish(key, false);
+    }
+
+    /// [`Core::complete`], then [`Core::try_next`], under one lock: the
+    /// worker's hot path, so a busy worker takes the lock once per message.
+    pub fn complete_and_take(&self, key: Option<&K>) -> Option<Job<K, T>> {
+        self.finish(key, true)
+    }
+
+    fn finish(&self, key: Option<&K>, take: bool) -> Option<Job<K, T>> {
+        let (job, room, workers) = {
             let mut st = lock(&self.state);
             debug_assert!(st.in_flight > 0, "complete without a message in flight");
             st.in_flight = st.in_flight.saturating_sub(1);
@@ -228,21 +238,36 @@ impl<K: Hash + Eq + Clone, T> Core<K, T> {
                 match next {
                     Some(msg) => {
                         st.ready.push_back(Job { key: Some(k.clone()), msg });
-                        workers.extend(st.work_waiters.take_one());
+                        // This worker takes work itself below; only wake
+                        // another if it cannot.
+                        if !take {
+                            workers.extend(st.work_waiters.take_one());
+                        }
                     }
                     None => {
                         st.keys.remove(k);
                     }
                 }
             }
+            let job = if take { st.ready.pop_front() } else { None };
+            if job.is_some() {
+                st.in_flight += 1;
+            }
+            if take && !st.ready.is_empty() {
+                workers.extend(st.work_waiters.take_one());
+            }
             if st.closed && st.used == 0 {
                 // Drained: every idle worker must see that it can exit.
                 workers.extend(st.work_waiters.take_all());
             }
-            (st.room_waiters.take_all(), workers)
+            // Wake submitters only when one is waiting: the common case
+            // (room to spare) allocates nothing.
+            let room = if st.room_waiters.list.is_empty() { Vec::new() } else { st.room_waiters.take_all() };
+            (job, room, workers)
         };
         wake_all(room);
         wake_all(workers);
+        job
     }
 
     /// Stops intake. Waiting submitters resolve to `Closed`; workers go on

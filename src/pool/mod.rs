@@ -137,6 +137,8 @@ impl Task {
         F: Future<Output = HandlerResult> + Send + 'static,
         R: FnOnce(Outcome) + Send + 'static,
     {
+        #[cfg(feature = "planted-bugs")]
+        let key = key.filter(|_| !crate::planted::active(crate::planted::Bug::IgnoreKey));
         Task { key, work: work.boxed(), reply: Reply(Some(Box::new(reply))) }
     }
 
@@ -257,6 +259,12 @@ impl Pool {
     /// back and in-flight ones cancelled, each reported `NotProcessed`.
     /// When this returns, no worker task of the pool is alive.
     pub async fn close(&self, deadline: Option<Duration>) -> CloseReport {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::Bug::DropQueuedOnClose) {
+            for (_, task) in self.shared.core.abort() {
+                task.reply.send(Outcome::Done(Ok(())));
+            }
+        }
         self.shared.core.close();
         let mut workers: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.shared.workers.lock().unwrap_or_else(|p| p.into_inner()));
@@ -309,7 +317,8 @@ fn refused_to_rejected(refused: Refused<Key, Task>, waited: Duration, capacity: 
 }
 
 async fn worker(core: Arc<Core<Key, Task>>) {
-    while let Some(job) = core.next().await {
+    let mut next = core.next().await;
+    while let Some(job) = next {
         let Task { key, work, reply } = job.msg;
         let span = tracing::debug_span!("pool.handle", key = key.as_deref().unwrap_or(""), outcome = tracing::field::Empty);
         let result = AssertUnwindSafe(work).catch_unwind().instrument(span.clone()).await;
@@ -319,7 +328,10 @@ async fn worker(core: Arc<Core<Key, Task>>) {
         };
         span.record("outcome", if result.is_ok() { "ok" } else { "error" });
         reply.send(Outcome::Done(result));
-        core.complete(key.as_ref());
+        next = match core.complete_and_take(key.as_ref()) {
+            Some(job) => Some(job),
+            None => core.next().await,
+        };
     }
 }
 
