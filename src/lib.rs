@@ -10,6 +10,8 @@ pub mod broker;
 pub mod consumer;
 pub mod bus;
 pub mod checker;
+#[cfg(feature = "planted-bugs")]
+pub mod planted;
 
 pub use broker::memory::{MemoryBroker, MemoryConfig};
 pub use broker::{Broker, BrokerError, Delivery, Headers, Outbound, Position, Session, SessionEvent, TopicPartition};

@@ -5,6 +5,7 @@
 
 pub mod memory;
 #[cfg(feature = "nats")] pub mod nats;
+#[cfg(feature = "kafka")] pub mod kafka;
 
 use std::fmt;
 use std::future::Future;

@@ -18,6 +18,8 @@ pub struct Frontier {
     blocked: Option<u64>,
     /// One past the highest dispatched offset.
     next: Option<u64>,
+    #[cfg(feature = "planted-bugs")]
+    max_completed: Option<u64>,
 }
 
 impl Frontier {
@@ -40,6 +42,10 @@ impl Frontier {
 
     /// The event at `offset` completed (handled, or dead-lettered).
     pub fn completed(&mut self, offset: u64) {
+        #[cfg(feature = "planted-bugs")]
+        {
+            self.max_completed = self.max_completed.max(Some(offset));
+        }
         self.outstanding.remove(&offset);
     }
 
@@ -64,6 +70,10 @@ impl Frontier {
     /// completed. `None` until something was dispatched.
     pub fn commit_point(&self) -> Option<u64> {
         let next = self.next?;
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::Bug::CommitMaxHandled) {
+            return self.max_completed.map(|m| m + 1);
+        }
         let mut point = next;
         if let Some(&first) = self.outstanding.first() {
             point = point.min(first);

@@ -390,6 +390,10 @@ impl<B: Broker> Consumer<B> {
         };
         ConsumerStats::bump(&self.stats.delivered);
         state.frontier.dispatched(delivery.offset);
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::Bug::CommitBeforeComplete) {
+            state.frontier.completed(delivery.offset);
+        }
         let (epoch, offset) = (state.epoch, delivery.offset);
         let done = self.done_tx.clone();
         let reply_tp = tp.clone();

@@ -269,9 +269,13 @@ impl Pool {
         let mut workers: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.shared.workers.lock().unwrap_or_else(|p| p.into_inner()));
         let mut report = CloseReport::default();
+        // Handles joined so far: a JoinHandle must not be awaited again
+        // after it completed, so the abort path only joins the rest.
+        let mut joined = 0;
         let drained = async {
             for handle in workers.iter_mut() {
                 let _ = handle.await;
+                joined += 1;
             }
         };
         let finished = match deadline {
@@ -288,10 +292,11 @@ impl Pool {
             report.handed_back = queued.len() + in_flight;
             // Dropping each handed-back task reports NotProcessed to its submitter.
             drop(queued);
-            for handle in &workers {
+            let remaining = &mut workers[joined..];
+            for handle in remaining.iter() {
                 handle.abort();
             }
-            for handle in workers {
+            for handle in remaining.iter_mut() {
                 let _ = handle.await;
             }
         }

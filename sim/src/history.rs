@@ -1,0 +1,358 @@
+//! The history of one run: everything the checker needs, in the one order in
+//! which it happened. Turmoil runs every host on one thread, so the order of
+//! `record` calls is a total order consistent with causality (a message is
+//! received in a later step than it was sent).
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// One event of the workload: an aggregate and its version.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub agg: String,
+    pub version: i64,
+}
+
+impl EventId {
+    pub fn new(agg: impl Into<String>, version: i64) -> Self {
+        EventId { agg: agg.into(), version }
+    }
+
+    pub fn prev(&self) -> Option<EventId> {
+        (self.version > 1).then(|| EventId { agg: self.agg.clone(), version: self.version - 1 })
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@v{}", self.agg, self.version)
+    }
+}
+
+/// A partition as the history names it.
+pub type Tp = (String, u32);
+
+/// Where a dead-lettered message came from (its `x-dlq-*` headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DlqInfo {
+    pub origin_topic: String,
+    pub origin_partition: u32,
+    pub origin_offset: u64,
+    pub attempts: u32,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandlerEnd {
+    Ok,
+    Failed,
+    /// The handler's future was dropped before it returned (crash, aborting close).
+    Aborted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The nemesis did something.
+    Fault(String),
+    BrokerBoot {
+        epoch: u64,
+    },
+    /// The broker stored a message (origin topic or dead letter).
+    Append {
+        tp: Tp,
+        offset: u64,
+        id: Option<EventId>,
+        dlq: Option<DlqInfo>,
+    },
+    /// A producer got its publish acknowledged.
+    Published {
+        producer: u32,
+        id: EventId,
+        tp: Tp,
+        offset: u64,
+        duplicate: bool,
+    },
+    Join {
+        client: String,
+        member: u64,
+    },
+    Assign {
+        client: String,
+        member: u64,
+        tp: Tp,
+        start: u64,
+    },
+    Revoke {
+        client: String,
+        member: u64,
+        tps: Vec<Tp>,
+    },
+    Release {
+        client: String,
+        member: u64,
+        tps: Vec<Tp>,
+    },
+    Expire {
+        client: String,
+        member: u64,
+    },
+    Leave {
+        client: String,
+        member: u64,
+    },
+    /// A commit request reached the broker; `accepted` if it was applied.
+    Commit {
+        client: String,
+        member: u64,
+        tp: Tp,
+        offset: u64,
+        accepted: bool,
+    },
+    /// The client adapter gave partitions up as lost (session gone).
+    Lost {
+        client: String,
+        tps: Vec<Tp>,
+    },
+    /// A consumer incarnation started.
+    Started {
+        inc: String,
+    },
+    Begin {
+        inc: String,
+        id: EventId,
+        attempt: u32,
+    },
+    End {
+        inc: String,
+        id: EventId,
+        end: HandlerEnd,
+    },
+    /// Something panicked on the simulation's thread (in any host, even if
+    /// the panic was caught): always a bug, as no handler of ours panics.
+    Panic {
+        message: String,
+    },
+    /// `bus.close()` returned on incarnation `inc`.
+    /// `queued`/`in_flight`: the pool when the close began.
+    Closed {
+        inc: String,
+        queued: usize,
+        in_flight: usize,
+        handed_back: usize,
+        alive_tasks: usize,
+        final_commit_error: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    /// Simulated milliseconds since the start of the run.
+    pub at_ms: u64,
+    pub event: Event,
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{:<6} {:>6}ms  {:?}", self.seq, self.at_ms, self.event)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    records: Vec<Record>,
+    sealed: bool,
+    /// Events handled successfully or dead-lettered (for the quiescence test).
+    completed: BTreeSet<EventId>,
+}
+
+/// The shared, append-only history of a run.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// Simulated time of the calling host (0 outside a host).
+pub fn now_ms() -> u64 {
+    turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64)
+}
+
+impl History {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `event` at the caller's simulated time.
+    pub fn record(&self, event: Event) {
+        self.record_at(now_ms(), event);
+    }
+
+    pub fn record_at(&self, at_ms: u64, event: Event) {
+        let mut inner = self.lock();
+        if inner.sealed {
+            return;
+        }
+        match &event {
+            Event::End { id, end: HandlerEnd::Ok, .. } => {
+                inner.completed.insert(id.clone());
+            }
+            Event::Append { id: Some(id), dlq: Some(_), .. } => {
+                inner.completed.insert(id.clone());
+            }
+            _ => {}
+        }
+        let seq = inner.records.len() as u64;
+        inner.records.push(Record { seq, at_ms, event });
+    }
+
+    /// Stops recording (what happens while the simulation is torn down is not history).
+    pub fn seal(&self) {
+        self.lock().sealed = true;
+    }
+
+    pub fn is_completed(&self, id: &EventId) -> bool {
+        self.lock().completed.contains(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn snapshot(&self) -> Vec<Record> {
+        self.lock().records.clone()
+    }
+
+    /// Whether any record satisfies `f` (without copying the history).
+    pub fn any(&self, f: impl Fn(&Record) -> bool) -> bool {
+        self.lock().records.iter().any(f)
+    }
+}
+
+thread_local! {
+    /// The history of the simulation running on this thread, for the panic hook.
+    static CURRENT: RefCell<Option<History>> = const { RefCell::new(None) };
+}
+
+/// Records every panic on this thread into `history` until the guard drops.
+pub fn record_panics(history: &History) -> PanicRecording {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".into());
+            let location = info.location().map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+            let recorded = CURRENT.try_with(|c| c.try_borrow().ok().and_then(|h| h.clone())).ok().flatten();
+            if let Some(h) = recorded {
+                h.record(Event::Panic { message: format!("{message}{location}") });
+            }
+            previous(info);
+        }));
+    });
+    CURRENT.with(|c| *c.borrow_mut() = Some(history.clone()));
+    PanicRecording(())
+}
+
+/// Stops [`record_panics`] on this thread when dropped.
+pub struct PanicRecording(());
+
+impl Drop for PanicRecording {
+    fn drop(&mut self) {
+        let _ = CURRENT.try_with(|c| c.borrow_mut().take());
+    }
+}
+
+/// What happened in a run, counted (for the runner's summary).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub appended: u64,
+    pub handled: u64,
+    /// Successful handlings beyond the first of an event.
+    pub duplicates: u64,
+    pub failed_attempts: u64,
+    pub aborted: u64,
+    pub dead_lettered: u64,
+    pub commits: u64,
+    pub rejected_commits: u64,
+    pub sessions_lost: u64,
+    pub expired: u64,
+    pub rebalances: u64,
+    pub broker_boots: u64,
+    pub incarnations: u64,
+    pub handed_back: u64,
+}
+
+impl Counts {
+    pub fn of(records: &[Record]) -> Counts {
+        let mut c = Counts::default();
+        let mut seen = BTreeSet::new();
+        for r in records {
+            match &r.event {
+                Event::Append { dlq: None, .. } => c.appended += 1,
+                Event::Append { dlq: Some(_), .. } => c.dead_lettered += 1,
+                Event::End { id, end: HandlerEnd::Ok, .. } => {
+                    c.handled += 1;
+                    if !seen.insert(id.clone()) {
+                        c.duplicates += 1;
+                    }
+                }
+                Event::End { end: HandlerEnd::Failed, .. } => c.failed_attempts += 1,
+                Event::End { end: HandlerEnd::Aborted, .. } => c.aborted += 1,
+                Event::Commit { accepted: true, .. } => c.commits += 1,
+                Event::Commit { accepted: false, .. } => c.rejected_commits += 1,
+                Event::Lost { .. } => c.sessions_lost += 1,
+                Event::Expire { .. } => c.expired += 1,
+                Event::Revoke { .. } => c.rebalances += 1,
+                Event::BrokerBoot { .. } => c.broker_boots += 1,
+                Event::Started { .. } => c.incarnations += 1,
+                Event::Closed { handed_back, .. } => c.handed_back += *handed_back as u64,
+                _ => {}
+            }
+        }
+        c
+    }
+
+    pub fn add(&mut self, o: &Counts) {
+        self.appended += o.appended;
+        self.handled += o.handled;
+        self.duplicates += o.duplicates;
+        self.failed_attempts += o.failed_attempts;
+        self.aborted += o.aborted;
+        self.dead_lettered += o.dead_lettered;
+        self.commits += o.commits;
+        self.rejected_commits += o.rejected_commits;
+        self.sessions_lost += o.sessions_lost;
+        self.expired += o.expired;
+        self.rebalances += o.rebalances;
+        self.broker_boots += o.broker_boots;
+        self.incarnations += o.incarnations;
+        self.handed_back += o.handed_back;
+    }
+}
+
+/// FNV-1a over the rendering of every record: equal for equal histories,
+/// stable across processes (unlike `std`'s randomly keyed hasher).
+pub fn trace_hash(records: &[Record]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for r in records {
+        for b in format!("{r}\n").bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}

@@ -1,0 +1,1537 @@
+//! The Kafka adapter, on rdkafka (librdkafka, built from the bundled source).
+//!
+//! # Mapping
+//!
+//! * A topic is a Kafka topic; partitions and offsets are Kafka's.
+//! * [`Broker::publish`] goes through one idempotent producer
+//!   (`enable.idempotence=true`, `acks=all`) with the message key (the bus
+//!   passes the aggregate ID) and headers, and returns once the partition
+//!   leader acknowledged the write with its (partition, offset), or a typed
+//!   error. Keys are partitioned with Kafka's murmur2 (like the Java client
+//!   and [`MemoryBroker`](crate::MemoryBroker)) unless configured otherwise.
+//! * [`Broker::ensure_topic`] reads the topic's metadata and creates it
+//!   (CreateTopics) or grows it (CreatePartitions) through the admin API.
+//! * A consumer group session is one librdkafka consumer (`group.id` = the
+//!   bus's `consumer.group`) subscribed to every topic, with
+//!   `enable.auto.commit=false`: [`Session::commit`] commits exactly the
+//!   frontier offsets it is given, synchronously.
+//!
+//! # The poll thread
+//!
+//! Each session owns a dedicated OS thread that calls `poll` on the
+//! consumer in a loop and forwards messages and assignment changes, in the
+//! order librdkafka produced them, into a channel; [`Session::next`] reads
+//! that channel, so it is cancel-safe. The thread never waits on handlers,
+//! so `max.poll.interval.ms` is never exceeded while the pool is full: when
+//! more than [`KafkaConfig::max_buffered`] messages wait in the channel the
+//! thread pauses the assigned partitions, and resumes them once the channel
+//! drained to half of it (librdkafka refetches from the last message handed
+//! out, so a pause neither loses nor repeats a message).
+//!
+//! # Rebalances
+//!
+//! librdkafka runs the rebalance callback on the poll thread:
+//!
+//! * revoke: the callback sends [`SessionEvent::Revoked`] and then blocks
+//!   the poll thread until the consumer called [`Session::release`] for
+//!   those partitions (after it fenced their queued work, waited for the
+//!   running handlers and committed their frontier), bounded by
+//!   [`KafkaConfig::revoke_timeout`]. Only then does librdkafka give the
+//!   partitions up and rejoin, so the next owner starts at the committed
+//!   frontier. With the eager strategies every rebalance revokes the whole
+//!   assignment; with `cooperative_sticky` only the partitions that move.
+//! * lost (the session timed out, the member was fenced, or the assignment
+//!   was otherwise lost): [`SessionEvent::Lost`], without waiting; nothing of
+//!   those partitions is committed any more.
+//! * assign: [`SessionEvent::Assigned`]; messages of the new assignment come
+//!   after it in the channel.
+//!
+//! Commits are fenced locally too: an offset of a partition that is no
+//! longer assigned to the session is not committed
+//! ([`BrokerError::CommitRejected`]); the broker fences commits of an old
+//! group generation.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Broker, BrokerError, Delivery, Headers, Outbound, Position, Session, SessionEvent, TopicPartition};
+
+// ---------------------------------------------------------------------------
+// Configuration.
+
+/// Where a group without a committed offset starts reading a partition
+/// (`auto.offset.reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    /// Everything still in the partition (like the memory broker).
+    #[default]
+    Earliest,
+    /// Only messages written after the group first read the partition.
+    Latest,
+    /// Fail (a consumer error is logged and the partition is not read).
+    Error,
+}
+
+impl OffsetReset {
+    fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+            OffsetReset::Error => "error",
+        }
+    }
+}
+
+/// Which messages of transactional producers are read (`isolation.level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationLevel {
+    /// Only committed transactions (and non-transactional messages).
+    #[default]
+    ReadCommitted,
+    /// Everything, including aborted transactions.
+    ReadUncommitted,
+}
+
+impl IsolationLevel {
+    fn as_str(self) -> &'static str {
+        match self {
+            IsolationLevel::ReadCommitted => "read_committed",
+            IsolationLevel::ReadUncommitted => "read_uncommitted",
+        }
+    }
+}
+
+/// How the group spreads partitions over its members
+/// (`partition.assignment.strategy`). Every member of a group must use the
+/// same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebalanceStrategy {
+    /// Eager: every rebalance revokes the whole assignment; each topic's
+    /// partitions in ranges over the members.
+    Range,
+    /// Eager: every rebalance revokes the whole assignment; all subscribed
+    /// partitions dealt round-robin over the members.
+    RoundRobin,
+    /// Incremental: a rebalance revokes only the partitions that move, the
+    /// others keep running (fewer pauses and fewer redeliveries).
+    #[default]
+    CooperativeSticky,
+}
+
+impl RebalanceStrategy {
+    fn as_str(self) -> &'static str {
+        match self {
+            RebalanceStrategy::Range => "range",
+            RebalanceStrategy::RoundRobin => "roundrobin",
+            RebalanceStrategy::CooperativeSticky => "cooperative-sticky",
+        }
+    }
+}
+
+/// How the producer picks the partition of a keyed message (`partitioner`).
+/// Unkeyed messages go to a random partition with the `*_random` ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Partitioner {
+    /// murmur2 of the key, as the Java client and the memory broker.
+    #[default]
+    Murmur2Random,
+    Murmur2,
+    /// CRC32 of the key, librdkafka's own default.
+    ConsistentRandom,
+    Consistent,
+    Fnv1aRandom,
+    Fnv1a,
+    Random,
+}
+
+impl Partitioner {
+    fn as_str(self) -> &'static str {
+        match self {
+            Partitioner::Murmur2Random => "murmur2_random",
+            Partitioner::Murmur2 => "murmur2",
+            Partitioner::ConsistentRandom => "consistent_random",
+            Partitioner::Consistent => "consistent",
+            Partitioner::Fnv1aRandom => "fnv1a_random",
+            Partitioner::Fnv1a => "fnv1a",
+            Partitioner::Random => "random",
+        }
+    }
+}
+
+/// Settings of a [`KafkaBroker`]. Durations are whole milliseconds in config
+/// files. Each typed field maps onto one librdkafka property (see
+/// `docs/kafka.md`); anything else (TLS, SASL, tuning) goes through
+/// [`KafkaConfig::properties`].
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port`, comma-separated (`bootstrap.servers`).
+    pub brokers: String,
+    /// `client.id`, shown in broker logs and quotas.
+    pub client_id: String,
+    /// A member that sends no heartbeat for this long is removed from its
+    /// group and its partitions are reassigned (`session.timeout.ms`).
+    #[serde(with = "crate::config::millis")]
+    pub session_timeout: Duration,
+    /// `heartbeat.interval.ms`; below a third of `session_timeout`.
+    #[serde(with = "crate::config::millis")]
+    pub heartbeat_interval: Duration,
+    /// `max.poll.interval.ms`: the poll thread polls continuously, except
+    /// while a revoke waits for the consumer (at most `revoke_timeout`).
+    #[serde(with = "crate::config::millis")]
+    pub max_poll_interval: Duration,
+    /// `fetch.min.bytes`.
+    pub fetch_min_bytes: u32,
+    /// `fetch.max.bytes`.
+    pub fetch_max_bytes: u32,
+    /// `max.partition.fetch.bytes`.
+    pub max_partition_fetch_bytes: u32,
+    /// `fetch.wait.max.ms`.
+    #[serde(with = "crate::config::millis")]
+    pub fetch_max_wait: Duration,
+    /// `auto.offset.reset`.
+    pub offset_reset: OffsetReset,
+    /// `isolation.level`.
+    pub isolation_level: IsolationLevel,
+    /// `partition.assignment.strategy`.
+    pub rebalance_strategy: RebalanceStrategy,
+    /// `partitioner`.
+    pub partitioner: Partitioner,
+    /// How long a publish may take, retries included, before it fails with
+    /// [`BrokerError::Timeout`] (`message.timeout.ms`).
+    #[serde(with = "crate::config::millis")]
+    pub message_timeout: Duration,
+    /// `linger.ms`: how long the producer batches.
+    #[serde(with = "crate::config::millis")]
+    pub linger: Duration,
+    /// Replication factor of topics created by `ensure_topic`; -1 = the
+    /// broker's `default.replication.factor`.
+    pub replication_factor: i32,
+    /// Topic configuration of topics created by `ensure_topic`
+    /// (`retention.ms`, `min.insync.replicas`, ...).
+    pub topic_properties: BTreeMap<String, String>,
+    /// Bound on admin and metadata requests, commits and leaving the group.
+    #[serde(with = "crate::config::millis")]
+    pub request_timeout: Duration,
+    /// How long a revoke waits for the consumer to commit and release the
+    /// partitions before librdkafka gives them up anyway. Must stay below
+    /// `max_poll_interval` (and cover the bus's `consumer.revoke_timeout`).
+    #[serde(with = "crate::config::millis")]
+    pub revoke_timeout: Duration,
+    /// Messages buffered between the poll thread and the consumer before the
+    /// assigned partitions are paused (see [`KafkaConfig::bounded_by_pool`]).
+    pub max_buffered: usize,
+    /// librdkafka properties for every client (TLS, SASL, ...), e.g.
+    /// `"security.protocol" = "sasl_ssl"`.
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties of the producer only.
+    pub producer_properties: BTreeMap<String, String>,
+    /// librdkafka properties of the group consumers only.
+    pub consumer_properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "eventbus".into(),
+            session_timeout: Duration::from_secs(45),
+            heartbeat_interval: Duration::from_secs(3),
+            max_poll_interval: Duration::from_secs(300),
+            fetch_min_bytes: 1,
+            fetch_max_bytes: 52_428_800,
+            max_partition_fetch_bytes: 1_048_576,
+            fetch_max_wait: Duration::from_millis(500),
+            offset_reset: OffsetReset::Earliest,
+            isolation_level: IsolationLevel::ReadCommitted,
+            rebalance_strategy: RebalanceStrategy::CooperativeSticky,
+            partitioner: Partitioner::Murmur2Random,
+            message_timeout: Duration::from_secs(30),
+            linger: Duration::from_millis(5),
+            replication_factor: -1,
+            topic_properties: BTreeMap::new(),
+            request_timeout: Duration::from_secs(30),
+            revoke_timeout: Duration::from_secs(60),
+            max_buffered: 1000,
+            properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+        }
+    }
+}
+
+fn config_error(key: &str, reason: impl Into<String>) -> BrokerError {
+    BrokerError::Config { key: format!("kafka.{key}"), reason: reason.into() }
+}
+
+/// librdkafka properties the adapter sets itself: they cannot be passed
+/// through, because the guarantees depend on them (or a typed field sets
+/// them). Aliases included.
+const RESERVED: &[(&str, &str)] = &[
+    ("enable.auto.commit", "commits are explicit: only completed frontiers are committed"),
+    ("enable.auto.offset.store", "commits are explicit: only completed frontiers are committed"),
+    ("auto.commit.enable", "commits are explicit: only completed frontiers are committed"),
+    ("enable.idempotence", "the producer is always idempotent"),
+    ("acks", "the producer always waits for acks=all"),
+    ("request.required.acks", "the producer always waits for acks=all"),
+    ("group.id", "the group is the bus's consumer.group"),
+    ("enable.partition.eof", "the session does not report partition ends"),
+    ("bootstrap.servers", "set kafka.brokers"),
+    ("metadata.broker.list", "set kafka.brokers"),
+    ("client.id", "set kafka.client_id"),
+    ("session.timeout.ms", "set kafka.session_timeout"),
+    ("heartbeat.interval.ms", "set kafka.heartbeat_interval"),
+    ("max.poll.interval.ms", "set kafka.max_poll_interval"),
+    ("fetch.min.bytes", "set kafka.fetch_min_bytes"),
+    ("fetch.max.bytes", "set kafka.fetch_max_bytes"),
+    ("max.partition.fetch.bytes", "set kafka.max_partition_fetch_bytes"),
+    ("fetch.message.max.bytes", "set kafka.max_partition_fetch_bytes"),
+    ("fetch.wait.max.ms", "set kafka.fetch_max_wait"),
+    ("auto.offset.reset", "set kafka.offset_reset"),
+    ("isolation.level", "set kafka.isolation_level"),
+    ("partition.assignment.strategy", "set kafka.rebalance_strategy"),
+    ("partitioner", "set kafka.partitioner"),
+    ("message.timeout.ms", "set kafka.message_timeout"),
+    ("delivery.timeout.ms", "set kafka.message_timeout"),
+    ("linger.ms", "set kafka.linger"),
+    ("queue.buffering.max.ms", "set kafka.linger"),
+];
+
+impl KafkaConfig {
+    /// Caps `max_buffered` (the messages read ahead of the consumer) at the
+    /// pool capacity.
+    #[must_use]
+    pub fn bounded_by_pool(mut self, pool: &crate::pool::PoolConfig) -> Self {
+        self.max_buffered = self.max_buffered.min(pool.capacity.max(1));
+        self
+    }
+
+    /// Rejects values the adapter cannot run with, naming the key. librdkafka
+    /// checks the rest when the clients are created.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        if self.brokers.split(',').all(|b| b.trim().is_empty()) {
+            return Err(config_error("brokers", "must name at least one host:port"));
+        }
+        if self.session_timeout < Duration::from_millis(100) {
+            return Err(config_error("session_timeout", "must be at least 100 ms"));
+        }
+        if self.session_timeout > self.max_poll_interval {
+            return Err(config_error(
+                "session_timeout",
+                format!("must not exceed max_poll_interval ({:?})", self.max_poll_interval),
+            ));
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.session_timeout {
+            return Err(config_error(
+                "heartbeat_interval",
+                format!("must be positive and below session_timeout ({:?})", self.session_timeout),
+            ));
+        }
+        if self.revoke_timeout.is_zero() || self.revoke_timeout >= self.max_poll_interval {
+            return Err(config_error(
+                "revoke_timeout",
+                format!(
+                    "must be positive and below max_poll_interval ({:?}): a revoke blocks the poll thread",
+                    self.max_poll_interval
+                ),
+            ));
+        }
+        if self.request_timeout < Duration::from_millis(10) {
+            return Err(config_error("request_timeout", "must be at least 10 ms"));
+        }
+        if self.message_timeout.is_zero() {
+            return Err(config_error("message_timeout", "must be positive"));
+        }
+        if self.max_buffered == 0 {
+            return Err(config_error("max_buffered", "must be at least 1"));
+        }
+        if self.replication_factor == 0 || self.replication_factor < -1 {
+            return Err(config_error("replication_factor", "must be positive, or -1 for the broker's default"));
+        }
+        for (section, map) in [
+            ("properties", &self.properties),
+            ("producer_properties", &self.producer_properties),
+            ("consumer_properties", &self.consumer_properties),
+        ] {
+            for key in map.keys() {
+                if let Some((_, why)) = RESERVED.iter().find(|(k, _)| k == key) {
+                    return Err(config_error(&format!("{section}.{key}"), format!("cannot be overridden: {why}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn common(&self) -> Props {
+        let mut p = Props::default();
+        p.set("bootstrap.servers", self.brokers.trim(), "kafka.brokers");
+        p.set("client.id", &self.client_id, "kafka.client_id");
+        p
+    }
+
+    fn pass_through(p: &mut Props, section: &str, map: &BTreeMap<String, String>) {
+        for (k, v) in map {
+            p.set(k, v, &format!("kafka.{section}.{k}"));
+        }
+    }
+
+    fn producer_props(&self) -> Props {
+        let mut p = self.common();
+        p.set("enable.idempotence", "true", "kafka");
+        p.set("acks", "all", "kafka");
+        p.set("partitioner", self.partitioner.as_str(), "kafka.partitioner");
+        p.set("message.timeout.ms", millis(self.message_timeout), "kafka.message_timeout");
+        p.set("linger.ms", millis(self.linger), "kafka.linger");
+        Self::pass_through(&mut p, "properties", &self.properties);
+        Self::pass_through(&mut p, "producer_properties", &self.producer_properties);
+        p
+    }
+
+    fn admin_props(&self) -> Props {
+        let mut p = self.common();
+        // Looking a topic up must not create it.
+        p.set("allow.auto.create.topics", "false", "kafka");
+        Self::pass_through(&mut p, "properties", &self.properties);
+        p
+    }
+
+    fn consumer_props(&self, group: &str) -> Props {
+        let mut p = self.common();
+        p.set("group.id", group, "consumer.group");
+        p.set("enable.auto.commit", "false", "kafka");
+        p.set("enable.auto.offset.store", "false", "kafka");
+        p.set("enable.partition.eof", "false", "kafka");
+        p.set("session.timeout.ms", millis(self.session_timeout), "kafka.session_timeout");
+        p.set("heartbeat.interval.ms", millis(self.heartbeat_interval), "kafka.heartbeat_interval");
+        p.set("max.poll.interval.ms", millis(self.max_poll_interval), "kafka.max_poll_interval");
+        p.set("fetch.min.bytes", self.fetch_min_bytes, "kafka.fetch_min_bytes");
+        p.set("fetch.max.bytes", self.fetch_max_bytes, "kafka.fetch_max_bytes");
+        p.set("max.partition.fetch.bytes", self.max_partition_fetch_bytes, "kafka.max_partition_fetch_bytes");
+        p.set("fetch.wait.max.ms", millis(self.fetch_max_wait), "kafka.fetch_max_wait");
+        p.set("auto.offset.reset", self.offset_reset.as_str(), "kafka.offset_reset");
+        p.set("isolation.level", self.isolation_level.as_str(), "kafka.isolation_level");
+        p.set("partition.assignment.strategy", self.rebalance_strategy.as_str(), "kafka.rebalance_strategy");
+        Self::pass_through(&mut p, "properties", &self.properties);
+        Self::pass_through(&mut p, "consumer_properties", &self.consumer_properties);
+        p
+    }
+}
+
+fn millis(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// librdkafka properties with the configuration key each came from, so a
+/// rejected property is reported under the key the user wrote.
+#[derive(Debug, Clone, Default)]
+struct Props {
+    /// (librdkafka property, value, configuration key)
+    entries: Vec<(String, String, String)>,
+}
+
+impl Props {
+    fn set(&mut self, property: &str, value: impl ToString, key: &str) {
+        self.entries.retain(|(p, _, _)| p != property);
+        self.entries.push((property.to_string(), value.to_string(), key.to_string()));
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        for (p, v, _) in &self.entries {
+            c.set(p, v);
+        }
+        c.set_log_level(log_level());
+        c
+    }
+
+    /// The configuration key behind a client creation error.
+    fn key_of(&self, message: &str) -> String {
+        // librdkafka names the offending property first in its messages
+        // ("`fetch.max.bytes` must be >= `message.max.bytes`"): the property
+        // we set that is named earliest wins, the longer one on a tie.
+        let named = self
+            .entries
+            .iter()
+            .filter_map(|(p, _, k)| message.find(p.as_str()).map(|at| (at, std::cmp::Reverse(p.len()), k)))
+            .min()
+            .map(|(_, _, k)| k.clone());
+        // "No provider for SASL mechanism X" names the value, not the property.
+        let sasl = || {
+            message
+                .contains("SASL mechanism")
+                .then(|| self.entries.iter().find(|(p, _, _)| p.starts_with("sasl.mechanism")))
+                .flatten()
+                .map(|(_, _, k)| k.clone())
+        };
+        named.or_else(sasl).unwrap_or_else(|| "kafka".to_string())
+    }
+
+    fn error(&self, e: KafkaError) -> BrokerError {
+        match e {
+            KafkaError::ClientConfig(_, description, property, value) => {
+                let key = self
+                    .entries
+                    .iter()
+                    .find(|(p, _, _)| *p == property)
+                    .map_or_else(|| format!("kafka.properties.{property}"), |(_, _, k)| k.clone());
+                BrokerError::Config { key, reason: format!("{description} ({property}={value:?})") }
+            }
+            KafkaError::ClientCreation(message) => BrokerError::Config { key: self.key_of(&message), reason: message },
+            other => BrokerError::Other(format!("creating a Kafka client: {other}")),
+        }
+    }
+}
+
+/// librdkafka's log level following the tracing subscriber's.
+fn log_level() -> RDKafkaLogLevel {
+    use tracing::level_filters::LevelFilter;
+    let max = LevelFilter::current();
+    if max >= LevelFilter::DEBUG {
+        RDKafkaLogLevel::Debug
+    } else if max >= LevelFilter::INFO {
+        RDKafkaLogLevel::Info
+    } else if max >= LevelFilter::WARN {
+        RDKafkaLogLevel::Warning
+    } else {
+        RDKafkaLogLevel::Error
+    }
+}
+
+/// Kafka's legal topic names.
+fn validate_topic(topic: &str) -> Result<(), BrokerError> {
+    if topic.is_empty() || topic.len() > 249 || topic == "." || topic == ".." {
+        return Err(config_error("topic", format!("{topic:?} is not a valid Kafka topic name (1-249 characters)")));
+    }
+    if !topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return Err(config_error("topic", format!("{topic:?} may only contain A-Z a-z 0-9 . _ -")));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Error mapping.
+
+fn is_unavailable(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::AllBrokersDown
+            | C::BrokerTransportFailure
+            | C::Resolve
+            | C::BrokerNotAvailable
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::NetworkException
+            | C::CoordinatorNotAvailable
+            | C::CoordinatorLoadInProgress
+            | C::NotCoordinator
+            | C::WaitingForCoordinator
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::ReplicaNotAvailable
+            | C::KafkaStorageError
+            | C::NotController
+            | C::DestroyBroker
+    )
+}
+
+fn is_timeout(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(code, C::MessageTimedOut | C::RequestTimedOut | C::OperationTimedOut | C::TimedOutQueue)
+}
+
+fn code_error(what: &str, code: RDKafkaErrorCode) -> BrokerError {
+    if is_timeout(code) {
+        BrokerError::Timeout(format!("{what}: {code}"))
+    } else if is_unavailable(code) {
+        BrokerError::Unavailable(format!("{what}: {code}"))
+    } else {
+        BrokerError::Other(format!("{what}: {code}"))
+    }
+}
+
+fn produce_error(topic: &str, e: KafkaError) -> BrokerError {
+    use RDKafkaErrorCode as C;
+    let what = format!("publish to {topic:?}");
+    match e {
+        KafkaError::MessageProduction(code) => match code {
+            C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
+                BrokerError::UnknownTopic(topic.to_string())
+            }
+            C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => config_error(
+                "producer_properties.message.max.bytes",
+                format!("message to {topic:?} is too large for the producer or the broker ({code})"),
+            ),
+            C::InvalidTopic => config_error("topic", format!("{topic:?} rejected by the broker ({code})")),
+            C::QueueFull => BrokerError::Unavailable(format!("{what}: producer queue full")),
+            C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => {
+                BrokerError::Other(format!("{what}: not authorized ({code})"))
+            }
+            code => code_error(&what, code),
+        },
+        KafkaError::Canceled => BrokerError::Closed,
+        other => BrokerError::Other(format!("{what}: {other}")),
+    }
+}
+
+fn commit_error(code: RDKafkaErrorCode, partition: &str) -> BrokerError {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::IllegalGeneration
+        | C::UnknownMemberId
+        | C::RebalanceInProgress
+        | C::FencedInstanceId
+        | C::AssignmentLost
+        | C::StaleMemberEpoch
+        | C::FencedMemberEpoch
+        | C::Fenced
+        | C::State => BrokerError::CommitRejected { partition: partition.to_string(), reason: code.to_string() },
+        code => code_error(&format!("commit of {partition}"), code),
+    }
+}
+
+fn metadata_error(what: &str, e: KafkaError) -> BrokerError {
+    match e {
+        KafkaError::MetadataFetch(code) | KafkaError::OffsetFetch(code) | KafkaError::AdminOp(code) => {
+            code_error(what, code)
+        }
+        other => BrokerError::Other(format!("{what}: {other}")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Contexts: librdkafka logs and errors go to tracing.
+
+fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "{fac}: {message}")
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", "{fac}: {message}"),
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+    }
+}
+
+/// Context of the producer and the admin client.
+#[derive(Clone)]
+pub struct LogContext {
+    role: &'static str,
+}
+
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_to_tracing(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(client = self.role, %error, "kafka client error: {reason}");
+    }
+}
+
+/// The helper consumers (configuration check, offset reads) never join.
+impl ConsumerContext for LogContext {}
+
+// ---------------------------------------------------------------------------
+// The broker.
+
+/// Counters of a [`KafkaBroker`] and its sessions.
+#[derive(Debug, Default)]
+pub struct KafkaStats {
+    /// Messages read by the poll threads.
+    pub fetched: AtomicU64,
+    /// Assignments received.
+    pub assigned: AtomicU64,
+    /// Revokes handed to the consumer (each waited for its release).
+    pub revoked: AtomicU64,
+    /// Revokes whose release did not come within `revoke_timeout`.
+    pub revoke_timeouts: AtomicU64,
+    /// Assignments lost (session timeout, fencing, rebalance errors).
+    pub lost: AtomicU64,
+    /// Times the poll thread paused its partitions (buffer full).
+    pub pauses: AtomicU64,
+    /// Times it resumed them.
+    pub resumes: AtomicU64,
+    /// Successful commits.
+    pub commits: AtomicU64,
+    /// Failed or (partly) rejected commits.
+    pub commit_errors: AtomicU64,
+    /// Consumer errors reported by librdkafka (transport, coordinator, ...).
+    pub consumer_errors: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+struct Inner {
+    config: KafkaConfig,
+    producer: FutureProducer<LogContext>,
+    admin: Arc<AdminClient<LogContext>>,
+    stats: Arc<KafkaStats>,
+}
+
+/// A Kafka cluster: one idempotent producer, one admin client, and one
+/// consumer per group session. Cloning shares them.
+#[derive(Clone)]
+pub struct KafkaBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBroker").field("brokers", &self.inner.config.brokers).finish_non_exhaustive()
+    }
+}
+
+impl KafkaBroker {
+    /// Validates `config` and creates the producer and admin client (and,
+    /// to validate its settings, a consumer that is dropped again). Does not
+    /// contact the cluster: librdkafka connects lazily and reconnects on its
+    /// own. See [`KafkaBroker::connect`].
+    pub fn new(config: KafkaConfig) -> Result<KafkaBroker, BrokerError> {
+        config.validate()?;
+        let props = config.producer_props();
+        let producer: FutureProducer<LogContext> =
+            props.client_config().create_with_context(LogContext { role: "producer" }).map_err(|e| props.error(e))?;
+        let props = config.admin_props();
+        let admin: AdminClient<LogContext> =
+            props.client_config().create_with_context(LogContext { role: "admin" }).map_err(|e| props.error(e))?;
+        // librdkafka checks consumer properties (and their combinations) when
+        // a consumer is created: do it now, not at the first subscribe.
+        // Without a group.id it never joins, so dropping it does not block.
+        let mut props = config.consumer_props("eventbus-config-check");
+        props.entries.retain(|(p, _, _)| p != "group.id");
+        let check: BaseConsumer<LogContext> =
+            props.client_config().create_with_context(LogContext { role: "consumer" }).map_err(|e| props.error(e))?;
+        drop(check);
+        Ok(KafkaBroker { inner: Arc::new(Inner { config, producer, admin: Arc::new(admin), stats: Arc::default() }) })
+    }
+
+    /// Like [`KafkaBroker::new`], then reads the cluster's metadata: fails
+    /// with [`BrokerError::Unavailable`] or [`BrokerError::Timeout`] when no
+    /// broker answers within `request_timeout`.
+    pub async fn connect(config: KafkaConfig) -> Result<KafkaBroker, BrokerError> {
+        let broker = KafkaBroker::new(config)?;
+        let inner = broker.inner.clone();
+        let brokers = inner.config.brokers.clone();
+        let timeout = inner.config.request_timeout;
+        tokio::task::spawn_blocking(move || inner.admin.inner().fetch_metadata(None, timeout).map(|_| ()))
+            .await
+            .map_err(|e| BrokerError::Other(e.to_string()))?
+            .map_err(|e| match metadata_error(&format!("cannot reach Kafka at {brokers}"), e) {
+                BrokerError::Other(m) => BrokerError::Unavailable(m),
+                e => e,
+            })?;
+        Ok(broker)
+    }
+
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// Counters of the producer and every session.
+    pub fn stats(&self) -> &Arc<KafkaStats> {
+        &self.inner.stats
+    }
+
+    /// The producer (for tools and tests).
+    pub fn producer(&self) -> &FutureProducer<LogContext> {
+        &self.inner.producer
+    }
+
+    /// Partition count of `topic`, `None` if it does not exist.
+    pub async fn partitions(&self, topic: &str) -> Result<Option<u32>, BrokerError> {
+        validate_topic(topic)?;
+        let inner = self.inner.clone();
+        let name = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let md = inner
+                .admin
+                .inner()
+                .fetch_metadata(Some(&name), inner.config.request_timeout)
+                .map_err(|e| metadata_error(&format!("metadata of {name:?}"), e))?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == name) else { return Ok(None) };
+            match t.error().map(RDKafkaErrorCode::from) {
+                None => Ok(Some(t.partitions().len() as u32).filter(|n| *n > 0)),
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => Ok(None),
+                Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
+                    Err(BrokerError::Other(format!("metadata of {name:?}: not authorized")))
+                }
+                Some(RDKafkaErrorCode::InvalidTopic) => {
+                    Err(config_error("topic", format!("{name:?} rejected by the broker")))
+                }
+                Some(code) => Err(code_error(&format!("metadata of {name:?}"), code)),
+            }
+        })
+        .await
+        .map_err(|e| BrokerError::Other(e.to_string()))?
+    }
+
+    /// The committed offsets (next offset to read) of `group` for `tps`, read
+    /// with a separate consumer of that group that does not join it.
+    pub async fn committed_offsets(
+        &self,
+        group: &str,
+        tps: &[TopicPartition],
+    ) -> Result<BTreeMap<TopicPartition, Option<u64>>, BrokerError> {
+        let props = self.inner.config.consumer_props(group);
+        let consumer: BaseConsumer<LogContext> =
+            props.client_config().create_with_context(LogContext { role: "offsets" }).map_err(|e| props.error(e))?;
+        let mut tpl = TopicPartitionList::with_capacity(tps.len());
+        for tp in tps {
+            tpl.add_partition(&tp.topic, tp.partition as i32);
+        }
+        let timeout = self.inner.config.request_timeout;
+        let tps = tps.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let tpl =
+                consumer.committed_offsets(tpl, timeout).map_err(|e| metadata_error("reading committed offsets", e))?;
+            let mut out = BTreeMap::new();
+            for tp in tps {
+                let offset = tpl.find_partition(&tp.topic, tp.partition as i32).and_then(|e| match e.offset() {
+                    Offset::Offset(o) if o >= 0 => Some(o as u64),
+                    _ => None,
+                });
+                out.insert(tp, offset);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| BrokerError::Other(e.to_string()))?
+    }
+
+    /// The high watermark (next offset to be written) of `tp`.
+    pub async fn end_offset(&self, tp: &TopicPartition) -> Result<u64, BrokerError> {
+        let inner = self.inner.clone();
+        let tp = tp.clone();
+        tokio::task::spawn_blocking(move || {
+            inner
+                .admin
+                .inner()
+                .fetch_watermarks(&tp.topic, tp.partition as i32, inner.config.request_timeout)
+                .map(|(_, high)| high.max(0) as u64)
+                .map_err(|e| metadata_error(&format!("watermarks of {tp}"), e))
+        })
+        .await
+        .map_err(|e| BrokerError::Other(e.to_string()))?
+    }
+
+    /// Waits (bounded by `request_timeout`) until the metadata shows `topic`
+    /// with at least `partitions` partitions.
+    async fn await_partitions(&self, topic: &str, partitions: u32) -> Result<(), BrokerError> {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        loop {
+            match self.partitions(topic).await {
+                Ok(Some(n)) if n >= partitions => return Ok(()),
+                Ok(_) | Err(BrokerError::Unavailable(_)) if Instant::now() < deadline => {}
+                Ok(n) => {
+                    return Err(BrokerError::Timeout(format!(
+                        "topic {topic:?} has {} partitions, not {partitions}, {:?} after creating it",
+                        n.unwrap_or(0),
+                        self.inner.config.request_timeout
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+            // Metadata propagation: poll again shortly.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn admin_options(&self) -> AdminOptions {
+        let t = self.inner.config.request_timeout;
+        AdminOptions::new().request_timeout(Some(t)).operation_timeout(Some(t))
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool, BrokerError> {
+        let cfg = &self.inner.config;
+        let mut new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(cfg.replication_factor));
+        for (k, v) in &cfg.topic_properties {
+            new = new.set(k, v);
+        }
+        tracing::info!(topic, partitions, replication = cfg.replication_factor, "creating Kafka topic");
+        let results = self
+            .inner
+            .admin
+            .create_topics([&new], &self.admin_options())
+            .await
+            .map_err(|e| metadata_error(&format!("creating topic {topic:?}"), e))?;
+        use RDKafkaErrorCode as C;
+        for r in results {
+            match r {
+                Ok(_) => {}
+                Err((_, C::TopicAlreadyExists)) => return Ok(false),
+                Err((_, code @ C::InvalidReplicationFactor)) => {
+                    return Err(config_error(
+                        "replication_factor",
+                        format!("{} rejected for topic {topic:?}: {code}", cfg.replication_factor),
+                    ))
+                }
+                Err((_, code @ C::InvalidPartitions)) => {
+                    return Err(BrokerError::Config {
+                        key: "partitions".into(),
+                        reason: format!("{partitions} rejected for topic {topic:?}: {code}"),
+                    })
+                }
+                Err((_, code @ (C::InvalidConfig | C::PolicyViolation))) => {
+                    return Err(config_error("topic_properties", format!("topic {topic:?} rejected: {code}")))
+                }
+                Err((_, code @ C::InvalidTopic)) => {
+                    return Err(config_error("topic", format!("{topic:?} rejected: {code}")))
+                }
+                Err((_, code)) => return Err(code_error(&format!("creating topic {topic:?}"), code)),
+            }
+        }
+        Ok(true)
+    }
+
+    async fn grow_topic(&self, topic: &str, from: u32, to: u32) -> Result<(), BrokerError> {
+        tracing::warn!(
+            topic,
+            from,
+            to,
+            "adding partitions: keys move to other partitions, so per-key order across the change is not kept"
+        );
+        let results = self
+            .inner
+            .admin
+            .create_partitions([&NewPartitions::new(topic, to as usize)], &self.admin_options())
+            .await
+            .map_err(|e| metadata_error(&format!("adding partitions to {topic:?}"), e))?;
+        for r in results {
+            if let Err((_, code)) = r {
+                if code == RDKafkaErrorCode::InvalidPartitions {
+                    // Grown concurrently: fine if there are enough now.
+                    continue;
+                }
+                return Err(code_error(&format!("adding partitions to {topic:?}"), code));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Broker for KafkaBroker {
+    type Session = KafkaSession;
+
+    async fn publish(&self, msg: Outbound) -> Result<Position, BrokerError> {
+        validate_topic(&msg.topic)?;
+        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
+        for (name, value) in &msg.headers {
+            headers = headers.insert(Header { key: name, value: Some(value) });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&msg.topic).payload(msg.payload.as_slice()).headers(headers);
+        if let Some(key) = &msg.key {
+            record = record.key(key.as_slice());
+        }
+        // A full local queue is waited out for as long as a delivery may take.
+        match self.inner.producer.send(record, Timeout::After(self.inner.config.message_timeout)).await {
+            Ok(d) => Ok(Position {
+                partition: u32::try_from(d.partition).unwrap_or(0),
+                offset: u64::try_from(d.offset).unwrap_or(0),
+                duplicate: false,
+            }),
+            Err((e, _)) => Err(produce_error(&msg.topic, e)),
+        }
+    }
+
+    async fn subscribe(&self, group: &str, topics: &[String]) -> Result<KafkaSession, BrokerError> {
+        if group.trim().is_empty() {
+            return Err(BrokerError::Config { key: "consumer.group".into(), reason: "must not be empty".into() });
+        }
+        for t in topics {
+            validate_topic(t)?;
+        }
+        KafkaSession::start(self, group, topics)
+    }
+
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), BrokerError> {
+        if partitions == 0 {
+            return Err(BrokerError::Config { key: "partitions".into(), reason: "must be at least 1".into() });
+        }
+        if i32::try_from(partitions).is_err() {
+            return Err(BrokerError::Config { key: "partitions".into(), reason: "too many".into() });
+        }
+        validate_topic(topic)?;
+        match self.partitions(topic).await? {
+            Some(n) if n >= partitions => return Ok(()),
+            Some(n) => self.grow_topic(topic, n, partitions).await?,
+            None => {
+                if !self.create_topic(topic, partitions).await? {
+                    // Created concurrently: make sure it is large enough.
+                    if let Some(n) = self.partitions(topic).await?.filter(|n| *n < partitions) {
+                        self.grow_topic(topic, n, partitions).await?;
+                    }
+                }
+            }
+        }
+        self.await_partitions(topic, partitions).await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The session.
+
+/// What the poll thread and the rebalance callbacks share with the session.
+struct Shared {
+    events: mpsc::UnboundedSender<Result<SessionEvent, BrokerError>>,
+    /// Messages in `events` not yet taken by `next`.
+    buffered: AtomicUsize,
+    /// Set by close/drop: the poll thread leaves, a revoke stops waiting.
+    stop: AtomicBool,
+    /// Partitions of the revoke being waited for, not yet released.
+    revoking: Mutex<BTreeSet<TopicPartition>>,
+    released: Condvar,
+    /// Partitions assigned to this member (commits are limited to them).
+    owned: Mutex<BTreeSet<TopicPartition>>,
+    /// The assignment is paused because the buffer is full.
+    paused: AtomicBool,
+    /// Interned topic names.
+    topics: Mutex<HashMap<String, Arc<str>>>,
+    revoke_timeout: Duration,
+    stats: Arc<KafkaStats>,
+    group: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn topic(&self, name: &str) -> Arc<str> {
+        let mut topics = lock(&self.topics);
+        if let Some(t) = topics.get(name) {
+            return t.clone();
+        }
+        let t: Arc<str> = name.into();
+        topics.insert(name.to_string(), t.clone());
+        t
+    }
+
+    fn tps(&self, tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+        let mut tps: Vec<TopicPartition> = tpl
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                Some(TopicPartition { topic: self.topic(e.topic()), partition: u32::try_from(e.partition()).ok()? })
+            })
+            .collect();
+        tps.sort();
+        tps.dedup();
+        tps
+    }
+
+    fn send(&self, event: SessionEvent) -> bool {
+        self.events.send(Ok(event)).is_ok()
+    }
+
+    /// Hands a revoke to the consumer and blocks (the poll thread) until it
+    /// released the partitions, the session stops, or `revoke_timeout`.
+    fn revoke_and_wait(&self, tps: Vec<TopicPartition>) {
+        let mut waiting = lock(&self.revoking);
+        waiting.extend(tps.iter().cloned());
+        bump(&self.stats.revoked);
+        if !self.send(SessionEvent::Revoked(tps.clone())) {
+            waiting.clear();
+            return;
+        }
+        let started = Instant::now();
+        let deadline = started + self.revoke_timeout;
+        while !waiting.is_empty() && !self.stop.load(Ordering::Acquire) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bump(&self.stats.revoke_timeouts);
+                tracing::warn!(
+                    group = %self.group,
+                    partitions = ?waiting,
+                    timeout = ?self.revoke_timeout,
+                    "revoke not released in time; giving the partitions up without the final commit"
+                );
+                break;
+            }
+            waiting = self.released.wait_timeout(waiting, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        waiting.clear();
+        tracing::debug!(group = %self.group, ?tps, took = ?started.elapsed(), "revoke released");
+    }
+
+    fn disown(&self, tps: &[TopicPartition]) {
+        let mut owned = lock(&self.owned);
+        for tp in tps {
+            owned.remove(tp);
+        }
+    }
+}
+
+/// The consumer context: rebalance callbacks (on the poll thread) and logs.
+pub struct SessionContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for SessionContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_to_tracing(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        bump(&self.shared.stats.consumer_errors);
+        tracing::warn!(group = %self.shared.group, %error, "kafka consumer error: {reason}");
+    }
+}
+
+impl ConsumerContext for SessionContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let shared = &self.shared;
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let tps = shared.tps(tpl);
+                if tps.is_empty() {
+                    return;
+                }
+                if shared.stop.load(Ordering::Acquire) {
+                    // Leaving the group: the consumer has committed already
+                    // (or is gone, like a crashed process).
+                    shared.disown(&tps);
+                    return;
+                }
+                if consumer.assignment_lost() {
+                    bump(&shared.stats.lost);
+                    tracing::warn!(group = %shared.group, ?tps, "assignment lost");
+                    shared.disown(&tps);
+                    shared.send(SessionEvent::Lost(tps));
+                    return;
+                }
+                shared.revoke_and_wait(tps.clone());
+                shared.disown(&tps);
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                // The assignment is dropped after this callback.
+                let tps = std::mem::take(&mut *lock(&shared.owned)).into_iter().collect::<Vec<_>>();
+                tracing::warn!(group = %shared.group, error = %e, ?tps, "rebalance error; assignment lost");
+                if !tps.is_empty() {
+                    bump(&shared.stats.lost);
+                    shared.send(SessionEvent::Lost(tps));
+                }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let shared = &self.shared;
+        if let Rebalance::Assign(tpl) = rebalance {
+            let tps = shared.tps(tpl);
+            if !tps.is_empty() {
+                bump(&shared.stats.assigned);
+                lock(&shared.owned).extend(tps.iter().cloned());
+                tracing::debug!(group = %shared.group, ?tps, "assigned");
+                shared.send(SessionEvent::Assigned(tps));
+            }
+        }
+        // New partitions start unpaused: keep the whole assignment paused
+        // while the buffer is full.
+        if shared.paused.load(Ordering::Acquire) {
+            if let Ok(assignment) = consumer.assignment() {
+                let _ = consumer.pause(&assignment);
+            }
+        }
+    }
+}
+
+type GroupConsumer = BaseConsumer<SessionContext>;
+
+/// One member of a consumer group on Kafka. Dropping it leaves the group
+/// without committing (the poll thread closes the consumer).
+pub struct KafkaSession {
+    consumer: Option<Arc<GroupConsumer>>,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedReceiver<Result<SessionEvent, BrokerError>>,
+    /// Resolves when the poll thread closed the consumer and exited.
+    exited: Option<oneshot::Receiver<()>>,
+    request_timeout: Duration,
+}
+
+/// How long the poll thread blocks in one `poll` (bounds its reaction to
+/// `stop` and to a drained buffer).
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+impl KafkaSession {
+    fn start(broker: &KafkaBroker, group: &str, topics: &[String]) -> Result<KafkaSession, BrokerError> {
+        let cfg = &broker.inner.config;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            events: tx,
+            buffered: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            revoking: Mutex::new(BTreeSet::new()),
+            released: Condvar::new(),
+            owned: Mutex::new(BTreeSet::new()),
+            paused: AtomicBool::new(false),
+            topics: Mutex::new(HashMap::new()),
+            revoke_timeout: cfg.revoke_timeout,
+            stats: broker.inner.stats.clone(),
+            group: group.to_string(),
+        });
+        let props = cfg.consumer_props(group);
+        let consumer: GroupConsumer = props
+            .client_config()
+            .create_with_context(SessionContext { shared: shared.clone() })
+            .map_err(|e| props.error(e))?;
+        if !topics.is_empty() {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&names).map_err(|e| BrokerError::Other(format!("subscribing to {topics:?}: {e}")))?;
+        }
+        let consumer = Arc::new(consumer);
+        let (exited_tx, exited) = oneshot::channel();
+        let poll = PollLoop {
+            consumer: consumer.clone(),
+            shared: shared.clone(),
+            high: cfg.max_buffered,
+            low: cfg.max_buffered / 2,
+            delivered: HashMap::new(),
+        };
+        std::thread::Builder::new()
+            .name(format!("kafka-poll-{group}"))
+            .spawn(move || {
+                poll.run();
+                let _ = exited_tx.send(());
+            })
+            .map_err(|e| BrokerError::Other(format!("starting the poll thread: {e}")))?;
+        tracing::debug!(group, ?topics, "kafka session started");
+        Ok(KafkaSession {
+            consumer: Some(consumer),
+            shared,
+            events: rx,
+            exited: Some(exited),
+            request_timeout: cfg.request_timeout,
+        })
+    }
+
+    /// Partitions currently assigned to this member.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        lock(&self.shared.owned).iter().cloned().collect()
+    }
+
+    fn signal_stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _guard = lock(&self.shared.revoking);
+        self.shared.released.notify_all();
+    }
+
+    async fn commit_owned(&self, offsets: Vec<(TopicPartition, u64)>) -> Result<(), BrokerError> {
+        let consumer = self.consumer.clone().ok_or(BrokerError::Closed)?;
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for (tp, offset) in &offsets {
+            let offset = i64::try_from(*offset).map_err(|_| BrokerError::Other(format!("offset {offset} of {tp}")))?;
+            tpl.add_partition_offset(&tp.topic, tp.partition as i32, Offset::Offset(offset))
+                .map_err(|e| BrokerError::Other(format!("commit of {tp}: {e}")))?;
+        }
+        // A synchronous commit waits on its own reply queue, so it works
+        // while the poll thread is blocked in a revoke.
+        let blocking = tokio::task::spawn_blocking(move || {
+            let result = consumer.commit(&tpl, CommitMode::Sync);
+            (result, tpl)
+        });
+        let what = || offsets.iter().map(|(tp, _)| tp.to_string()).collect::<Vec<_>>().join(",");
+        let (result, tpl) = match tokio::time::timeout(self.request_timeout, blocking).await {
+            Err(_) => return Err(BrokerError::Timeout(format!("commit of {} not confirmed in time", what()))),
+            Ok(Err(e)) => return Err(BrokerError::Other(format!("commit task: {e}"))),
+            Ok(Ok(r)) => r,
+        };
+        match result {
+            Ok(()) => {}
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => return Ok(()),
+            Err(KafkaError::ConsumerCommit(code)) => return Err(commit_error(code, &what())),
+            Err(e) => return Err(BrokerError::Other(format!("commit of {}: {e}", what()))),
+        }
+        // Per-partition results.
+        for e in tpl.elements() {
+            if let Err(KafkaError::OffsetFetch(code) | KafkaError::ConsumerCommit(code)) = e.error() {
+                return Err(commit_error(code, &format!("{}[{}]", e.topic(), e.partition())));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct PollLoop {
+    consumer: Arc<GroupConsumer>,
+    shared: Arc<Shared>,
+    high: usize,
+    low: usize,
+    /// Highest offset + 1 handed out per partition, to number redeliveries.
+    delivered: HashMap<(Arc<str>, u32), u64>,
+}
+
+impl PollLoop {
+    fn run(mut self) {
+        let mut last_error: Option<(String, Instant)> = None;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let consumer = self.consumer.clone();
+            match consumer.poll(POLL_INTERVAL) {
+                None => {}
+                Some(Ok(m)) => {
+                    let delivery = self.delivery(&m);
+                    drop(m);
+                    bump(&self.shared.stats.fetched);
+                    self.shared.buffered.fetch_add(1, Ordering::AcqRel);
+                    if !self.shared.send(SessionEvent::Message(delivery)) {
+                        break; // the session is gone
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                    tracing::error!(group = %self.shared.group, error = %code, "fatal consumer error; session closed");
+                    let _ = self.shared.events.send(Err(BrokerError::Closed));
+                    break;
+                }
+                Some(Err(e)) => {
+                    bump(&self.shared.stats.consumer_errors);
+                    // librdkafka retries on its own; log each distinct error
+                    // at most every few seconds.
+                    let text = e.to_string();
+                    let repeat =
+                        last_error.as_ref().is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(5));
+                    if !repeat {
+                        tracing::warn!(group = %self.shared.group, error = %text, "kafka consumer error");
+                        last_error = Some((text, Instant::now()));
+                    }
+                }
+            }
+            self.back_pressure();
+        }
+        // Dropping the last reference closes the consumer and leaves the
+        // group (a revoke during the close does not wait: `stop` is set).
+        drop(self.consumer);
+    }
+
+    fn back_pressure(&self) {
+        let buffered = self.shared.buffered.load(Ordering::Acquire);
+        let paused = self.shared.paused.load(Ordering::Acquire);
+        if !paused && buffered >= self.high {
+            self.shared.paused.store(true, Ordering::Release);
+            if let Ok(assignment) = self.consumer.assignment() {
+                if let Err(e) = self.consumer.pause(&assignment) {
+                    tracing::warn!(error = %e, "pausing partitions failed");
+                }
+            }
+            bump(&self.shared.stats.pauses);
+            tracing::debug!(group = %self.shared.group, buffered, "buffer full; partitions paused");
+        } else if paused && buffered <= self.low {
+            self.shared.paused.store(false, Ordering::Release);
+            if let Ok(assignment) = self.consumer.assignment() {
+                if let Err(e) = self.consumer.resume(&assignment) {
+                    tracing::warn!(error = %e, "resuming partitions failed");
+                }
+            }
+            bump(&self.shared.stats.resumes);
+            tracing::debug!(group = %self.shared.group, buffered, "buffer drained; partitions resumed");
+        }
+    }
+
+    fn delivery(&mut self, m: &BorrowedMessage<'_>) -> Delivery {
+        let topic = self.shared.topic(m.topic());
+        let partition = u32::try_from(m.partition()).unwrap_or(0);
+        let offset = u64::try_from(m.offset()).unwrap_or(0);
+        let high = self.delivered.entry((topic.clone(), partition)).or_insert(0);
+        let attempt = if offset < *high { 2 } else { 1 };
+        *high = (*high).max(offset + 1);
+        let mut headers: Headers = Vec::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter() {
+                headers.push((header.key.to_string(), header.value.map(<[u8]>::to_vec).unwrap_or_default()));
+            }
+        }
+        let timestamp = m
+            .timestamp()
+            .to_millis()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        Delivery {
+            topic,
+            partition,
+            offset,
+            key: m.key().map(<[u8]>::to_vec),
+            headers,
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            timestamp,
+            attempt,
+        }
+    }
+}
+
+impl Session for KafkaSession {
+    async fn next(&mut self) -> Result<SessionEvent, BrokerError> {
+        match self.events.recv().await {
+            Some(Ok(event)) => {
+                if matches!(event, SessionEvent::Message(_)) {
+                    self.shared.buffered.fetch_sub(1, Ordering::AcqRel);
+                }
+                Ok(event)
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(BrokerError::Closed),
+        }
+    }
+
+    async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
+        let (owned, foreign): (Vec<_>, Vec<_>) = {
+            let owned = lock(&self.shared.owned);
+            offsets.iter().cloned().partition(|(tp, _)| owned.contains(tp))
+        };
+        let result = if owned.is_empty() { Ok(()) } else { self.commit_owned(owned).await };
+        let result = result.and_then(|()| match foreign.first() {
+            None => Ok(()),
+            Some((tp, _)) => Err(BrokerError::CommitRejected {
+                partition: tp.to_string(),
+                reason: "not assigned to this member any more (revoked or lost)".into(),
+            }),
+        });
+        match &result {
+            Ok(()) => bump(&self.shared.stats.commits),
+            Err(_) => bump(&self.shared.stats.commit_errors),
+        }
+        result
+    }
+
+    async fn release(&mut self, partitions: &[TopicPartition]) -> Result<(), BrokerError> {
+        let mut waiting = lock(&self.shared.revoking);
+        for tp in partitions {
+            waiting.remove(tp);
+        }
+        self.shared.released.notify_all();
+        Ok(())
+    }
+
+    async fn set_topics(&mut self, topics: &[String]) -> Result<(), BrokerError> {
+        for t in topics {
+            validate_topic(t)?;
+        }
+        let consumer = self.consumer.as_ref().ok_or(BrokerError::Closed)?;
+        if topics.is_empty() {
+            consumer.unsubscribe();
+            return Ok(());
+        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(|e| BrokerError::Other(format!("subscribing to {topics:?}: {e}")))
+    }
+
+    async fn close(mut self) -> Result<(), BrokerError> {
+        self.signal_stop();
+        // The poll thread holds the other reference and closes the consumer
+        // (leaving the group) when it exits.
+        drop(self.consumer.take());
+        if let Some(exited) = self.exited.take() {
+            let limit = self.request_timeout + Duration::from_secs(5);
+            if tokio::time::timeout(limit, exited).await.is_err() {
+                return Err(BrokerError::Timeout(format!("leaving group {:?} took over {limit:?}", self.shared.group)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KafkaSession {
+    fn drop(&mut self) {
+        self.signal_stop();
+        if let Some(consumer) = self.consumer.take() {
+            // Closing a consumer blocks: never on an async worker thread.
+            let _ = std::thread::Builder::new().name("kafka-close".into()).spawn(move || drop(consumer));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_deserializes_with_defaults() {
+        let cfg: KafkaConfig = toml::from_str(
+            "brokers = \"k1:9092,k2:9092\"\nsession_timeout = 10000\nrebalance_strategy = \"round_robin\"\n\
+             [properties]\n\"security.protocol\" = \"sasl_ssl\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.brokers, "k1:9092,k2:9092");
+        assert_eq!(cfg.session_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.rebalance_strategy, RebalanceStrategy::RoundRobin);
+        assert_eq!(cfg.properties["security.protocol"], "sasl_ssl");
+        assert_eq!(cfg.heartbeat_interval, Duration::from_secs(3));
+        assert!(toml::from_str::<KafkaConfig>("nope = 1").is_err());
+    }
+
+    #[test]
+    fn consumer_properties_map_the_typed_fields() {
+        let cfg = KafkaConfig { isolation_level: IsolationLevel::ReadUncommitted, ..KafkaConfig::default() };
+        let p = cfg.consumer_props("g");
+        let get = |k: &str| p.entries.iter().find(|(p, _, _)| p == k).map(|(_, v, _)| v.clone());
+        assert_eq!(get("group.id").as_deref(), Some("g"));
+        assert_eq!(get("enable.auto.commit").as_deref(), Some("false"));
+        assert_eq!(get("isolation.level").as_deref(), Some("read_uncommitted"));
+        assert_eq!(get("partition.assignment.strategy").as_deref(), Some("cooperative-sticky"));
+        assert_eq!(get("session.timeout.ms").as_deref(), Some("45000"));
+        let p = cfg.producer_props();
+        let get = |k: &str| p.entries.iter().find(|(p, _, _)| p == k).map(|(_, v, _)| v.clone());
+        assert_eq!(get("acks").as_deref(), Some("all"));
+        assert_eq!(get("enable.idempotence").as_deref(), Some("true"));
+        assert_eq!(get("partitioner").as_deref(), Some("murmur2_random"));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let key = |cfg: KafkaConfig| match cfg.validate() {
+            Err(BrokerError::Config { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        let d = KafkaConfig::default;
+        assert_eq!(key(KafkaConfig { brokers: " ".into(), ..d() }), "kafka.brokers");
+        assert_eq!(key(KafkaConfig { heartbeat_interval: Duration::from_secs(50), ..d() }), "kafka.heartbeat_interval");
+        assert_eq!(key(KafkaConfig { revoke_timeout: Duration::from_secs(400), ..d() }), "kafka.revoke_timeout");
+        assert_eq!(key(KafkaConfig { replication_factor: 0, ..d() }), "kafka.replication_factor");
+        let props = BTreeMap::from([("enable.auto.commit".to_string(), "true".to_string())]);
+        assert_eq!(
+            key(KafkaConfig { consumer_properties: props, ..d() }),
+            "kafka.consumer_properties.enable.auto.commit"
+        );
+        assert!(d().validate().is_ok());
+    }
+
+    #[test]
+    fn topic_names() {
+        assert!(validate_topic("orders.v1_eu-2").is_ok());
+        for bad in ["", ".", "..", "a b", "a/b", &"x".repeat(250)] {
+            assert!(validate_topic(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn client_errors_name_the_configuration_key() {
+        let mut p = Props::default();
+        p.set("fetch.max.bytes", 1, "kafka.fetch_max_bytes");
+        p.set("max.bytes", 1, "kafka.other");
+        let e = p.error(KafkaError::ClientCreation("`fetch.max.bytes` must be >= `message.max.bytes`".into()));
+        assert!(matches!(e, BrokerError::Config { ref key, .. } if key == "kafka.fetch_max_bytes"), "{e:?}");
+        p.set("sasl.mechanism", "GSSAPI", "kafka.properties.sasl.mechanism");
+        let e = p.error(KafkaError::ClientCreation("No provider for SASL mechanism GSSAPI: recompile".into()));
+        assert!(matches!(e, BrokerError::Config { ref key, .. } if key == "kafka.properties.sasl.mechanism"), "{e:?}");
+    }
+}

@@ -1,0 +1,945 @@
+#![cfg(not(feature = "loom"))]
+#![cfg(feature = "kafka")]
+//! The Kafka adapter against librdkafka's built-in mock cluster
+//! (`rdkafka::mocking`): a real Kafka protocol broker in process, with
+//! balanced consumer groups, offset commits and broker down/up. Needs no
+//! external process, so these always run.
+//!
+//! Every test has its own mock cluster. The mock does not implement the
+//! CreateTopics admin API, so topics are created through the mock's own API
+//! (`ensure_topic` then finds them); `tests/kafka_tansu.rs` covers creation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eventbus::broker::kafka::{KafkaBroker, KafkaConfig, KafkaSession, RebalanceStrategy};
+use eventbus::bus::BusConfig;
+use eventbus::checker::OrderChecker;
+use eventbus::consumer::ConsumerConfig;
+use eventbus::pool::PoolConfig;
+use eventbus::{Broker, BrokerError, Envelope, EventBus, Outbound, Position, Session, SessionEvent, TopicPartition};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer};
+use tokio::sync::{mpsc, watch};
+
+// ---------------------------------------------------------------------------
+// The mock cluster.
+
+/// A librdkafka mock cluster, owned by an idle producer handle.
+struct Mock {
+    owner: BaseProducer,
+    servers: String,
+}
+
+impl Mock {
+    fn new(brokers: i32) -> Mock {
+        let owner: BaseProducer =
+            ClientConfig::new().set("test.mock.num.brokers", brokers.to_string()).create().expect("mock cluster");
+        let servers = owner.client().mock_cluster().expect("mock cluster").bootstrap_servers();
+        // SAFETY: `owner` owns the mock cluster and outlives this call; the
+        // setter only stores the value. A new group's first join otherwise
+        // waits 3 s (the broker's group.initial.rebalance.delay.ms).
+        unsafe {
+            let cluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
+            assert!(!cluster.is_null());
+            rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(cluster, 0);
+        }
+        Mock { owner, servers }
+    }
+
+    fn create_topic(&self, topic: &str, partitions: i32) {
+        self.owner.client().mock_cluster().unwrap().create_topic(topic, partitions, 1).expect("mock topic");
+    }
+
+    fn broker_down(&self, id: i32) {
+        self.owner.client().mock_cluster().unwrap().broker_down(id).expect("broker down");
+    }
+
+    fn broker_up(&self, id: i32) {
+        self.owner.client().mock_cluster().unwrap().broker_up(id).expect("broker up");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// Logs to stderr when `RUST_LOG` is set.
+fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
+/// Short group timings: the mock rebalances `session_timeout - 1 s` after a
+/// member joins or leaves.
+fn kafka_config(servers: &str) -> KafkaConfig {
+    KafkaConfig {
+        brokers: servers.to_string(),
+        session_timeout: Duration::from_millis(2500),
+        heartbeat_interval: Duration::from_millis(200),
+        max_poll_interval: Duration::from_secs(30),
+        fetch_max_wait: Duration::from_millis(20),
+        linger: Duration::from_millis(1),
+        request_timeout: Duration::from_secs(10),
+        revoke_timeout: Duration::from_secs(10),
+        // librdkafka's debug contexts, e.g. EVENTBUS_KAFKA_DEBUG=cgrp,fetch
+        consumer_properties: std::env::var("EVENTBUS_KAFKA_DEBUG")
+            .map(|d| BTreeMap::from([("debug".to_string(), d)]))
+            .unwrap_or_default(),
+        producer_properties: std::env::var("EVENTBUS_KAFKA_PRODUCER_DEBUG")
+            .map(|d| BTreeMap::from([("debug".to_string(), d)]))
+            .unwrap_or_default(),
+        ..KafkaConfig::default()
+    }
+}
+
+fn bus_config(group: &str) -> BusConfig {
+    BusConfig {
+        pool: PoolConfig { concurrency: 64, capacity: 4096, wait_timeout: Duration::from_millis(500) },
+        consumer: ConsumerConfig {
+            group: group.to_string(),
+            commit_interval: Duration::from_millis(50),
+            revoke_timeout: Duration::from_secs(5),
+            ..ConsumerConfig::default()
+        },
+        close_timeout: Some(Duration::from_secs(20)),
+    }
+}
+
+fn event(agg: &str, version: i64) -> Envelope {
+    Envelope::new(agg, "Updated", version, &serde_json::json!({ "v": version })).unwrap()
+}
+
+/// Completions per (aggregate, version), and a watch of how many distinct
+/// ones completed.
+#[derive(Clone)]
+struct Progress {
+    done: Arc<Mutex<BTreeMap<(String, i64), u32>>>,
+    tx: Arc<watch::Sender<usize>>,
+}
+
+impl Progress {
+    fn new() -> (Progress, watch::Receiver<usize>) {
+        let (tx, rx) = watch::channel(0);
+        (Progress { done: Arc::default(), tx: Arc::new(tx) }, rx)
+    }
+
+    fn completed(&self, agg: &str, version: i64) {
+        let n = {
+            let mut done = self.done.lock().unwrap();
+            *done.entry((agg.to_string(), version)).or_default() += 1;
+            done.len()
+        };
+        self.tx.send_replace(n);
+    }
+
+    /// (aggregate, version) handled more than once.
+    fn duplicates(&self) -> Vec<(String, i64)> {
+        self.done.lock().unwrap().iter().filter(|(_, n)| **n > 1).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+async fn wait_for(rx: &mut watch::Receiver<usize>, target: usize, limit: Duration, what: &str) {
+    let reached = tokio::time::timeout(limit, rx.wait_for(|n| *n >= target)).await.is_ok();
+    assert!(reached, "{what}: only {} of {target} events completed within {limit:?}", *rx.borrow());
+}
+
+/// Marks a handler run as failed in the checker if it is dropped before it
+/// completed (its runtime was dropped: a crash).
+struct Running {
+    checker: Arc<OrderChecker>,
+    agg: String,
+    version: i64,
+    finished: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.checker.fail(&self.agg, self.version);
+        }
+    }
+}
+
+/// An envelope handler that records begin/complete in the checker, with a
+/// little simulated work.
+fn checked_handler(
+    checker: Arc<OrderChecker>,
+    progress: Progress,
+    work: Duration,
+) -> impl Fn(Envelope) -> futures::future::BoxFuture<'static, eventbus::pool::HandlerResult> + Send + Sync + 'static {
+    move |env: Envelope| {
+        let checker = checker.clone();
+        let progress = progress.clone();
+        Box::pin(async move {
+            checker.begin(&env.aggregate_id, env.event_version);
+            let mut running = Running {
+                checker: checker.clone(),
+                agg: env.aggregate_id.clone(),
+                version: env.event_version,
+                finished: false,
+            };
+            if !work.is_zero() {
+                tokio::time::sleep(work).await; // simulated handler work
+            }
+            running.finished = true;
+            checker.complete(&env.aggregate_id, env.event_version);
+            progress.completed(&env.aggregate_id, env.event_version);
+            Ok(())
+        })
+    }
+}
+
+type Positions = Arc<Mutex<BTreeMap<(String, i64), (TopicPartition, u64)>>>;
+
+/// Publishes versions `from..=to` of each aggregate (one task per aggregate,
+/// versions in order), retrying failed publishes, recording positions.
+async fn publish_range<B: Broker>(
+    bus: &Arc<EventBus<B>>,
+    aggregates: &[(String, String)],
+    from: i64,
+    to: i64,
+    positions: &Positions,
+) -> usize {
+    let mut tasks = Vec::new();
+    for (topic, agg) in aggregates {
+        let (bus, topic, agg, positions) = (bus.clone(), topic.clone(), agg.clone(), positions.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut retries = 0;
+            for v in from..=to {
+                let pos: Position = loop {
+                    match bus.publish_envelope(&topic, &event(&agg, v)).await {
+                        Ok(p) => break p,
+                        Err(e) => {
+                            retries += 1;
+                            assert!(retries < 100, "publish keeps failing: {e}");
+                        }
+                    }
+                };
+                positions
+                    .lock()
+                    .unwrap()
+                    .insert((agg.clone(), v), (TopicPartition::new(topic.as_str(), pos.partition), pos.offset));
+            }
+            retries
+        }));
+    }
+    let mut retries = 0;
+    for t in tasks {
+        retries += t.await.unwrap();
+    }
+    retries
+}
+
+/// Asserts that the group committed everything: each partition's committed
+/// offset (read by a separate consumer) is its end offset.
+async fn assert_all_committed(broker: &KafkaBroker, group: &str, topics: &[String], partitions: u32) {
+    let tps: Vec<TopicPartition> =
+        topics.iter().flat_map(|t| (0..partitions).map(move |p| TopicPartition::new(t.as_str(), p))).collect();
+    let committed = broker.committed_offsets(group, &tps).await.unwrap();
+    for tp in &tps {
+        let end = broker.end_offset(tp).await.unwrap();
+        let c = committed[tp];
+        assert!(end == 0 || c == Some(end), "{tp}: committed {c:?}, end offset {end}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A broker wrapper that records what the sessions committed and owned.
+
+/// What every member of a group did, shared by their wrappers.
+#[derive(Default)]
+struct Ledger {
+    /// Last successful commit per partition, by any member.
+    commits: BTreeMap<TopicPartition, u64>,
+    /// Partitions a member started reading below the group's last commit
+    /// (a duplicate from before the last commit): (partition, first offset,
+    /// last commit).
+    below_commit: Vec<(TopicPartition, u64, u64)>,
+    /// Assignments whose first message was checked.
+    starts_checked: u64,
+}
+
+/// What one member did.
+#[derive(Default)]
+struct Record {
+    /// Partitions assigned and not revoked or lost.
+    owned: BTreeSet<TopicPartition>,
+    /// Last commit of the group when each partition was assigned, until its
+    /// first message arrives.
+    start_floor: BTreeMap<TopicPartition, u64>,
+}
+
+/// Counts of assignment events a session passed to the consumer.
+#[derive(Debug, Clone, Copy, Default)]
+struct Changes {
+    assigned: u64,
+    lost: u64,
+    /// Messages below the committed offsets (sum over the partitions this
+    /// session committed).
+    committed: u64,
+}
+
+#[derive(Clone)]
+struct Recorded {
+    inner: KafkaBroker,
+    ledger: Arc<Mutex<Ledger>>,
+    record: Arc<Mutex<Record>>,
+    changes: Arc<watch::Sender<Changes>>,
+}
+
+impl Recorded {
+    fn new(inner: KafkaBroker, ledger: &Arc<Mutex<Ledger>>) -> Recorded {
+        Recorded {
+            inner,
+            ledger: ledger.clone(),
+            record: Arc::default(),
+            changes: Arc::new(watch::channel(Changes::default()).0),
+        }
+    }
+}
+
+struct RecordedSession {
+    inner: KafkaSession,
+    ledger: Arc<Mutex<Ledger>>,
+    record: Arc<Mutex<Record>>,
+    changes: Arc<watch::Sender<Changes>>,
+}
+
+impl Broker for Recorded {
+    type Session = RecordedSession;
+
+    async fn publish(&self, msg: Outbound) -> Result<Position, BrokerError> {
+        self.inner.publish(msg).await
+    }
+
+    async fn subscribe(&self, group: &str, topics: &[String]) -> Result<RecordedSession, BrokerError> {
+        let inner = self.inner.subscribe(group, topics).await?;
+        Ok(RecordedSession {
+            inner,
+            ledger: self.ledger.clone(),
+            record: self.record.clone(),
+            changes: self.changes.clone(),
+        })
+    }
+
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), BrokerError> {
+        self.inner.ensure_topic(topic, partitions).await
+    }
+}
+
+impl Session for RecordedSession {
+    async fn next(&mut self) -> Result<SessionEvent, BrokerError> {
+        let ev = self.inner.next().await?;
+        let mut ledger = self.ledger.lock().unwrap();
+        let mut r = self.record.lock().unwrap();
+        match &ev {
+            SessionEvent::Assigned(tps) => {
+                for tp in tps {
+                    r.owned.insert(tp.clone());
+                    let floor = ledger.commits.get(tp).copied().unwrap_or(0);
+                    r.start_floor.insert(tp.clone(), floor);
+                }
+                self.changes.send_modify(|c| c.assigned += 1);
+            }
+            SessionEvent::Revoked(tps) => {
+                for tp in tps {
+                    r.owned.remove(tp);
+                    r.start_floor.remove(tp);
+                }
+            }
+            SessionEvent::Lost(tps) => {
+                for tp in tps {
+                    r.owned.remove(tp);
+                    r.start_floor.remove(tp);
+                }
+                self.changes.send_modify(|c| c.lost += 1);
+            }
+            SessionEvent::Message(d) => {
+                if let Some(floor) = r.start_floor.remove(&d.topic_partition()) {
+                    ledger.starts_checked += 1;
+                    if d.offset < floor {
+                        ledger.below_commit.push((d.topic_partition(), d.offset, floor));
+                    }
+                }
+            }
+        }
+        Ok(ev)
+    }
+
+    async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
+        self.inner.commit(offsets).await?;
+        let mut ledger = self.ledger.lock().unwrap();
+        for (tp, o) in offsets {
+            ledger.commits.insert(tp.clone(), *o);
+        }
+        let committed = ledger.commits.values().sum();
+        self.changes.send_modify(|c| c.committed = committed);
+        Ok(())
+    }
+
+    async fn release(&mut self, partitions: &[TopicPartition]) -> Result<(), BrokerError> {
+        self.inner.release(partitions).await
+    }
+
+    async fn set_topics(&mut self, topics: &[String]) -> Result<(), BrokerError> {
+        self.inner.set_topics(topics).await
+    }
+
+    async fn close(self) -> Result<(), BrokerError> {
+        self.inner.close().await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Round trip.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_through_the_bus() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let (topic, raw_topic, late_topic) = (unique("rt"), unique("rt-raw"), unique("rt-late"));
+    for t in [&topic, &raw_topic, &late_topic] {
+        mock.create_topic(t, 3);
+    }
+    let group = unique("g");
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    // The topics exist with enough partitions: nothing to create.
+    broker.ensure_topic(&topic, 3).await.unwrap();
+    broker.ensure_topic(&raw_topic, 2).await.unwrap();
+    assert_eq!(broker.partitions(&topic).await.unwrap(), Some(3));
+    assert_eq!(broker.partitions(&unique("missing")).await.unwrap(), None, "looking up does not create");
+    let err = broker.ensure_topic(&topic, 0).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "partitions"), "{err:?}");
+    let err = broker.ensure_topic("bad/topic", 1).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "kafka.topic"), "{err:?}");
+
+    let admin = broker.clone();
+    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
+    let (env_tx, mut env_rx) = mpsc::unbounded_channel();
+    bus.subscribe_envelope(&topic, move |env| {
+        let tx = env_tx.clone();
+        async move {
+            tx.send(env).unwrap();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
+    bus.subscribe(&raw_topic, move |d| {
+        let tx = raw_tx.clone();
+        async move {
+            tx.send(d).unwrap();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    bus.start().await.unwrap();
+
+    let env = event("order-1", 1).with_trace_id("trace-1");
+    let first = bus.publish_envelope(&topic, &env).await.unwrap();
+    assert!(!first.duplicate);
+    // Keys are partitioned with murmur2, like the Java client and the memory broker.
+    assert_eq!(first.partition, eventbus::broker::memory::partition_for_key(b"order-1", 3));
+    let got = tokio::time::timeout(Duration::from_secs(20), env_rx.recv()).await.expect("envelope delivered").unwrap();
+    assert_eq!(got, env);
+
+    // Raw bytes: binary key, binary and repeated headers, in order.
+    let headers = vec![
+        ("X-Custom".to_string(), b"v1".to_vec()),
+        ("X-Bin".to_string(), vec![0, 159, 146, 150, 10]),
+        ("X-Custom".to_string(), b"v2".to_vec()),
+    ];
+    let key = b"key-\x01\xff".to_vec();
+    let pos = bus.publish(&raw_topic, Some(&key), headers.clone(), b"hello".to_vec()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), raw_rx.recv()).await.expect("raw delivered").unwrap();
+    assert_eq!((d.partition, d.offset, d.attempt), (pos.partition, pos.offset, 1));
+    assert_eq!(&*d.topic, raw_topic.as_str());
+    assert_eq!(d.payload, b"hello");
+    assert_eq!(d.key, Some(key));
+    assert_eq!(d.headers, headers);
+    let age = d.timestamp.expect("timestamp").elapsed().unwrap_or_default();
+    assert!(age < Duration::from_secs(60), "timestamp is the produce time ({age:?} ago)");
+
+    // Subscribing after start adds the topic to the running session.
+    let (late_tx, mut late_rx) = mpsc::unbounded_channel();
+    bus.subscribe_envelope(&late_topic, move |env| {
+        let tx = late_tx.clone();
+        async move {
+            tx.send(env).unwrap();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let late = event("order-2", 1);
+    let late_pos = bus.publish_envelope(&late_topic, &late).await.unwrap();
+    let got =
+        tokio::time::timeout(Duration::from_secs(20), late_rx.recv()).await.expect("late topic delivered").unwrap();
+    assert_eq!(got, late);
+
+    let stats = bus.consumer_stats().await.unwrap();
+    let report = bus.close().await;
+    assert_eq!(report.final_commit_error, None);
+    assert_eq!(stats.delivered.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.redelivered_skipped.load(Ordering::Relaxed), 0);
+    // The final commits, read back by a separate consumer of the group.
+    let tps = [
+        TopicPartition::new(topic.as_str(), first.partition),
+        TopicPartition::new(raw_topic.as_str(), pos.partition),
+        TopicPartition::new(late_topic.as_str(), late_pos.partition),
+    ];
+    let committed = admin.committed_offsets(&group, &tps).await.unwrap();
+    assert_eq!(committed[&tps[0]], Some(first.offset + 1));
+    assert_eq!(committed[&tps[1]], Some(pos.offset + 1));
+    assert_eq!(committed[&tps[2]], Some(late_pos.offset + 1));
+    let kstats = admin.stats();
+    assert!(kstats.commits.load(Ordering::Relaxed) >= 1);
+    assert_eq!(kstats.revoke_timeouts.load(Ordering::Relaxed), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Configuration errors.
+
+fn config_key(r: Result<KafkaBroker, BrokerError>) -> String {
+    match r {
+        Err(BrokerError::Config { key, reason }) => {
+            assert!(!reason.is_empty());
+            key
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configuration_names_the_key() {
+    let base = || kafka_config("127.0.0.1:9");
+    let props = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+    // Checked by the adapter.
+    let cfg = KafkaConfig { heartbeat_interval: Duration::from_secs(5), ..base() };
+    assert_eq!(config_key(KafkaBroker::new(cfg)), "kafka.heartbeat_interval");
+    let cfg = KafkaConfig { consumer_properties: props("enable.auto.commit", "true"), ..base() };
+    assert_eq!(config_key(KafkaBroker::new(cfg)), "kafka.consumer_properties.enable.auto.commit");
+    let cfg = KafkaConfig { producer_properties: props("acks", "1"), ..base() };
+    assert_eq!(config_key(KafkaBroker::new(cfg)), "kafka.producer_properties.acks");
+    // Checked by librdkafka when the clients are created.
+    let cfg = KafkaConfig { properties: props("no.such.property", "1"), ..base() };
+    assert_eq!(config_key(KafkaBroker::new(cfg)), "kafka.properties.no.such.property");
+    let cfg = KafkaConfig { properties: props("socket.timeout.ms", "soon"), ..base() };
+    assert_eq!(config_key(KafkaBroker::new(cfg)), "kafka.properties.socket.timeout.ms");
+    let cfg = KafkaConfig { properties: props("security.protocol", "carrier_pigeon"), ..base() };
+    assert_eq!(config_key(KafkaBroker::new(cfg)), "kafka.properties.security.protocol");
+    let cfg = KafkaConfig { fetch_max_bytes: 1000, ..base() };
+    assert_eq!(config_key(KafkaBroker::new(cfg)), "kafka.fetch_max_bytes");
+    let cfg = KafkaConfig { session_timeout: Duration::from_secs(3600), ..base() };
+    assert_eq!(config_key(KafkaBroker::new(cfg)), "kafka.session_timeout");
+    // A config file's values.
+    let cfg: KafkaConfig = toml::from_str("brokers = \"127.0.0.1:9\"\nisolation_level = \"read_uncommitted\"").unwrap();
+    KafkaBroker::new(cfg).unwrap();
+
+    // Nobody listens: `connect` fails with a retriable error in time.
+    let cfg = KafkaConfig { request_timeout: Duration::from_millis(1500), ..base() };
+    let started = Instant::now();
+    let err = KafkaBroker::connect(cfg).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_) | BrokerError::Timeout(_)), "{err:?}");
+    assert!(err.is_retriable());
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------
+// The seed's scenario: 5 topics x 3 partitions, versions in order.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_five_topics_three_partitions() {
+    init_tracing();
+    const TOPICS: usize = 5;
+    const AGGREGATES: usize = 40;
+    const VERSIONS: i64 = 25;
+    let started = Instant::now();
+    let mock = Mock::new(3);
+    let topics: Vec<String> = (0..TOPICS).map(|i| unique(&format!("seed{i}"))).collect();
+    for t in &topics {
+        mock.create_topic(t, 3);
+    }
+    let group = unique("g");
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let admin = broker.clone();
+    let bus = Arc::new(EventBus::builder(broker).config(bus_config(&group)).build().unwrap());
+    let checker = Arc::new(OrderChecker::new());
+    let (progress, mut done) = Progress::new();
+    for topic in &topics {
+        bus.subscribe_envelope(topic, checked_handler(checker.clone(), progress.clone(), Duration::from_micros(300)))
+            .await
+            .unwrap();
+    }
+    bus.start().await.unwrap();
+
+    let mut expected = BTreeMap::new();
+    let mut aggregates = Vec::new();
+    for (t, topic) in topics.iter().enumerate() {
+        for a in 0..AGGREGATES {
+            let agg = format!("t{t}-agg{a}");
+            expected.insert(agg.clone(), VERSIONS);
+            aggregates.push((topic.clone(), agg));
+        }
+    }
+    let positions = Positions::default();
+    publish_range(&bus, &aggregates, 1, VERSIONS, &positions).await;
+    let total = TOPICS * AGGREGATES * VERSIONS as usize;
+    wait_for(&mut done, total, Duration::from_secs(60), "seed scenario").await;
+    let stats = bus.consumer_stats().await.unwrap();
+    let report = bus.close().await;
+    let r = checker.report(&expected);
+    eprintln!(
+        "kafka seed scenario: sent {total}, handled {}, duplicates {}, violations {}, missing {}, redelivered {}, \
+         in {:?}",
+        r.handled,
+        r.duplicates,
+        r.violations,
+        r.missing,
+        stats.redelivered_skipped.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.handled, total as u64);
+    assert_eq!(r.duplicates, 0, "no faults, so no duplicates");
+    assert_eq!(report.final_commit_error, None);
+    // Every partition was used (keys spread by murmur2) and fully committed.
+    let used: BTreeSet<TopicPartition> = positions.lock().unwrap().values().map(|(tp, _)| tp.clone()).collect();
+    assert_eq!(used.len(), TOPICS * 3);
+    assert_all_committed(&admin, &group, &topics, 3).await;
+}
+
+// ---------------------------------------------------------------------------
+// Rebalance both ways: a second member joins, then crashes.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_member_joins_then_crashes_mid_stream_eager() {
+    second_member_joins_then_crashes(RebalanceStrategy::RoundRobin).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_member_joins_then_crashes_mid_stream_cooperative() {
+    second_member_joins_then_crashes(RebalanceStrategy::CooperativeSticky).await;
+}
+
+async fn second_member_joins_then_crashes(strategy: RebalanceStrategy) {
+    init_tracing();
+    const AGGREGATES: usize = 60;
+    const VERSIONS: i64 = 30;
+    let started = Instant::now();
+    let mock = Mock::new(1);
+    let topics: Vec<String> = (0..3).map(|i| unique(&format!("reb{i}"))).collect();
+    for t in &topics {
+        mock.create_topic(t, 3);
+    }
+    let group = unique("g");
+    let config = KafkaConfig { rebalance_strategy: strategy, ..kafka_config(&mock.servers) };
+    let checker = Arc::new(OrderChecker::new());
+    let (progress, mut done) = Progress::new();
+    let work = Duration::from_millis(5);
+
+    // Member 1, on this runtime.
+    let broker1 = KafkaBroker::connect(config.clone()).await.unwrap();
+    let admin = broker1.clone();
+    let ledger: Arc<Mutex<Ledger>> = Arc::default();
+    let recorded1 = Recorded::new(broker1, &ledger);
+    let record1 = recorded1.record.clone();
+    let bus1 = Arc::new(EventBus::builder(recorded1).config(bus_config(&group)).build().unwrap());
+    for topic in &topics {
+        bus1.subscribe_envelope(topic, checked_handler(checker.clone(), progress.clone(), work)).await.unwrap();
+    }
+    bus1.start().await.unwrap();
+
+    let mut expected = BTreeMap::new();
+    let mut aggregates = Vec::new();
+    for a in 0..AGGREGATES {
+        let agg = format!("agg{a}");
+        expected.insert(agg.clone(), VERSIONS);
+        aggregates.push((topics[a % topics.len()].clone(), agg));
+    }
+    let total = AGGREGATES * VERSIONS as usize;
+    let positions = Positions::default();
+    // A third of the stream, for member 1 alone.
+    publish_range(&bus1, &aggregates, 1, VERSIONS / 3, &positions).await;
+    wait_for(&mut done, total / 6, Duration::from_secs(30), "member 1 alone").await;
+
+    // Member 2 joins, on a runtime of its own (so it can be killed).
+    let rt2 = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let record2: Arc<Mutex<Record>> = Arc::default();
+    let (changes2_tx, mut changes2) = watch::channel(Changes::default());
+    let changes2_tx = Arc::new(changes2_tx);
+    let (progress2, mut done2) = Progress::new();
+    {
+        let (config, group, topics, record2, checker, progress, progress2, ledger) = (
+            config.clone(),
+            group.clone(),
+            topics.clone(),
+            record2.clone(),
+            checker.clone(),
+            progress.clone(),
+            progress2.clone(),
+            ledger.clone(),
+        );
+        rt2.spawn(async move {
+            let broker2 = KafkaBroker::connect(config).await.unwrap();
+            let recorded2 = Recorded { record: record2, changes: changes2_tx, ..Recorded::new(broker2, &ledger) };
+            let bus2 = EventBus::builder(recorded2).config(bus_config(&group)).build().unwrap();
+            for topic in &topics {
+                let inner = checked_handler(checker.clone(), progress.clone(), work);
+                let progress2 = progress2.clone();
+                bus2.subscribe_envelope(topic, move |env: Envelope| {
+                    let (agg, v) = (env.aggregate_id.clone(), env.event_version);
+                    let run = inner(env);
+                    let progress2 = progress2.clone();
+                    async move {
+                        let r = run.await;
+                        progress2.completed(&agg, v);
+                        r
+                    }
+                })
+                .await
+                .unwrap();
+            }
+            bus2.start().await.unwrap();
+            // Lives until its runtime is dropped.
+            std::future::pending::<()>().await;
+            drop(bus2);
+        });
+    }
+    // The join rebalance is done once member 2 got partitions; then the
+    // rest of the stream comes.
+    let joined = tokio::time::timeout(Duration::from_secs(30), changes2.wait_for(|c| c.assigned >= 1)).await.is_ok();
+    assert!(joined, "member 2 never got partitions");
+    let rest = {
+        let (bus, aggregates, positions) = (bus1.clone(), aggregates.clone(), positions.clone());
+        tokio::spawn(async move { publish_range(&bus, &aggregates, VERSIONS / 3 + 1, VERSIONS, &positions).await })
+    };
+    // Member 2 got partitions (the join rebalance is done) and works on them.
+    wait_for(&mut done2, 150, Duration::from_secs(30), "member 2 after joining").await;
+    let owned1 = record1.lock().unwrap().owned.clone();
+    let owned2 = record2.lock().unwrap().owned.clone();
+    assert!(!owned1.is_empty() && !owned2.is_empty(), "both members own partitions: {owned1:?} / {owned2:?}");
+    assert!(owned1.is_disjoint(&owned2));
+
+    // Crash member 2: its runtime is dropped with handlers running and work
+    // queued; its session leaves without committing.
+    tokio::task::spawn_blocking(move || drop(rt2)).await.unwrap();
+    let crash_owned = record2.lock().unwrap().owned.clone();
+    let handled_at_crash = *done.borrow();
+    let retries = rest.await.unwrap();
+    wait_for(&mut done, total, Duration::from_secs(60), "after member 2 crashed").await;
+    let owned_after = record1.lock().unwrap().owned.clone();
+    let report = bus1.close().await;
+
+    let r = checker.report(&expected);
+    let positions = positions.lock().unwrap().clone();
+    let dups = progress.duplicates();
+    let crashed_dups = dups.iter().filter(|k| crash_owned.contains(&positions[*k].0)).count();
+    let (below_commit, starts_checked) = {
+        let l = ledger.lock().unwrap();
+        (l.below_commit.clone(), l.starts_checked)
+    };
+    let kstats = admin.stats();
+    eprintln!(
+        "kafka rebalance {strategy:?} (join, then crash): sent {total}, handled {}, duplicates {} ({crashed_dups} in the {} \
+         partitions of the crashed member, the rest re-handled after revokes fenced queued work), violations {}, \
+         missing {}, handled at crash {handled_at_crash}, assignments resumed at or above the group's last commit \
+         {}/{}, publish retries {retries}, member 1 revokes {} assigns {}, in {:?}",
+        r.handled,
+        r.duplicates,
+        crash_owned.len(),
+        r.violations,
+        r.missing,
+        starts_checked - below_commit.len() as u64,
+        starts_checked,
+        kstats.revoked.load(Ordering::Relaxed),
+        kstats.assigned.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.handled, total as u64);
+    // Duplicates only after the last commit: every new owner of a partition
+    // started at (not below) the group's last commit of it.
+    assert!(below_commit.is_empty(), "resumed below the last commit: {below_commit:?}");
+    assert!(starts_checked >= 1);
+    assert_eq!(report.final_commit_error, None);
+    // Member 1 owned everything again after the crash, and committed it all.
+    assert_eq!(owned_after.len(), topics.len() * 3, "{owned_after:?}");
+    if strategy == RebalanceStrategy::CooperativeSticky {
+        // Only the partitions that moved to member 2 were revoked.
+        assert!(kstats.revoked.load(Ordering::Relaxed) >= 1, "revoked on the join");
+    } else {
+        assert!(kstats.revoked.load(Ordering::Relaxed) >= 2, "revoked on the join and on the crash");
+    }
+    assert_eq!(kstats.revoke_timeouts.load(Ordering::Relaxed), 0);
+    assert_all_committed(&admin, &group, &topics, 3).await;
+}
+
+// ---------------------------------------------------------------------------
+// The broker goes down mid-stream and comes back.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_then_up_mid_stream() {
+    init_tracing();
+    const AGGREGATES: usize = 40;
+    const VERSIONS: i64 = 30;
+    let started = Instant::now();
+    let mock = Mock::new(1);
+    let topics: Vec<String> = (0..2).map(|i| unique(&format!("down{i}"))).collect();
+    for t in &topics {
+        mock.create_topic(t, 3);
+    }
+    let group = unique("g");
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let admin = broker.clone();
+    let ledger: Arc<Mutex<Ledger>> = Arc::default();
+    let recorded = Recorded::new(broker, &ledger);
+    let mut changes = recorded.changes.subscribe();
+    let bus = Arc::new(EventBus::builder(recorded).config(bus_config(&group)).build().unwrap());
+    let checker = Arc::new(OrderChecker::new());
+    let (progress, mut done) = Progress::new();
+    for topic in &topics {
+        bus.subscribe_envelope(topic, checked_handler(checker.clone(), progress.clone(), Duration::from_millis(10)))
+            .await
+            .unwrap();
+    }
+    bus.start().await.unwrap();
+
+    let mut expected = BTreeMap::new();
+    let mut aggregates = Vec::new();
+    for a in 0..AGGREGATES {
+        let agg = format!("agg{a}");
+        expected.insert(agg.clone(), VERSIONS);
+        aggregates.push((topics[a % topics.len()].clone(), agg));
+    }
+    let total = AGGREGATES * VERSIONS as usize;
+    let positions = Positions::default();
+    publish_range(&bus, &aggregates, 1, VERSIONS / 2, &positions).await;
+    // Half of the first half handled and committed; the rest in the pool.
+    let committed =
+        tokio::time::timeout(Duration::from_secs(30), changes.wait_for(|c| c.committed >= total as u64 / 4))
+            .await
+            .is_ok();
+    assert!(committed, "a quarter was not committed in time");
+    let committed_at_down = changes.borrow().committed;
+
+    // Down: the second half is published into the outage (the idempotent
+    // producer retries until the broker is back).
+    mock.broker_down(1);
+    let kstats = admin.stats().clone();
+    let rest = {
+        let (bus, aggregates, positions) = (bus.clone(), aggregates.clone(), positions.clone());
+        tokio::spawn(async move { publish_range(&bus, &aggregates, VERSIONS / 2 + 1, VERSIONS, &positions).await })
+    };
+    // Stay down until the member noticed: its session timed out and the
+    // consumer was told its assignment was lost.
+    let noticed = tokio::time::timeout(Duration::from_secs(30), changes.wait_for(|c| c.lost >= 1)).await.is_ok();
+    assert!(noticed, "the outage was never noticed");
+    let handled_in_outage = *done.borrow();
+    mock.broker_up(1);
+    let retries = rest.await.unwrap();
+    wait_for(&mut done, total, Duration::from_secs(60), "after the broker came back").await;
+    let stats = bus.consumer_stats().await.unwrap();
+    let report = bus.close().await;
+
+    let r = checker.report(&expected);
+    let (below_commit, starts_checked) = {
+        let l = ledger.lock().unwrap();
+        (l.below_commit.clone(), l.starts_checked)
+    };
+    eprintln!(
+        "kafka broker down/up: sent {total}, handled {}, duplicates {}, violations {}, missing {}, handled when \
+         lost {handled_in_outage}, committed when the broker went down {committed_at_down}, assignments resumed at or above the last commit {}/{}, lost {}, consumer errors \
+         {}, publish retries {retries}, redelivered {}, in {:?}",
+        r.handled,
+        r.duplicates,
+        r.violations,
+        r.missing,
+        starts_checked - below_commit.len() as u64,
+        starts_checked,
+        kstats.lost.load(Ordering::Relaxed),
+        kstats.consumer_errors.load(Ordering::Relaxed),
+        stats.redelivered_skipped.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.handled, total as u64);
+    assert!(below_commit.is_empty(), "resumed below the last commit: {below_commit:?}");
+    assert!(starts_checked >= 1);
+    assert_eq!(report.final_commit_error, None);
+    assert_all_committed(&admin, &group, &topics, 3).await;
+}
+
+// ---------------------------------------------------------------------------
+// Back-pressure: a full pool pauses the partitions instead of buffering.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_pool_pauses_partitions_and_resumes() {
+    init_tracing();
+    const AGGREGATES: usize = 30;
+    const VERSIONS: i64 = 12;
+    let started = Instant::now();
+    let mock = Mock::new(1);
+    let topic = unique("bp");
+    mock.create_topic(&topic, 3);
+    let group = unique("g");
+    let mut bus_cfg = bus_config(&group);
+    bus_cfg.pool = PoolConfig { concurrency: 4, capacity: 64, wait_timeout: Duration::from_millis(500) };
+    // Read-ahead bounded by the pool: at most 64 messages wait between the
+    // poll thread and the consumer.
+    let kcfg = KafkaConfig { max_buffered: 1000, ..kafka_config(&mock.servers) }.bounded_by_pool(&bus_cfg.pool);
+    assert_eq!(kcfg.max_buffered, 64);
+    let broker = KafkaBroker::connect(kcfg).await.unwrap();
+    let admin = broker.clone();
+    let bus = Arc::new(EventBus::builder(broker).config(bus_cfg).build().unwrap());
+    let checker = Arc::new(OrderChecker::new());
+    let (progress, mut done) = Progress::new();
+    bus.subscribe_envelope(&topic, checked_handler(checker.clone(), progress.clone(), Duration::from_millis(1)))
+        .await
+        .unwrap();
+    let mut expected = BTreeMap::new();
+    let mut aggregates = Vec::new();
+    for a in 0..AGGREGATES {
+        let agg = format!("agg{a}");
+        expected.insert(agg.clone(), VERSIONS);
+        aggregates.push((topic.clone(), agg));
+    }
+    // Everything is there before the consumer starts: it reads far faster
+    // than 4 workers handle.
+    publish_range(&bus, &aggregates, 1, VERSIONS, &Positions::default()).await;
+    bus.start().await.unwrap();
+    let total = AGGREGATES * VERSIONS as usize;
+    wait_for(&mut done, total, Duration::from_secs(60), "back-pressure").await;
+    bus.close().await;
+    let r = checker.report(&expected);
+    let kstats = admin.stats();
+    let (pauses, resumes) = (kstats.pauses.load(Ordering::Relaxed), kstats.resumes.load(Ordering::Relaxed));
+    eprintln!(
+        "kafka back-pressure: sent {total}, handled {}, duplicates {}, violations {}, pauses {pauses}, resumes \
+         {resumes}, fetched {}, in {:?}",
+        r.handled,
+        r.duplicates,
+        r.violations,
+        kstats.fetched.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!((r.handled, r.duplicates), (total as u64, 0));
+    assert!(pauses >= 1 && resumes >= 1, "pauses {pauses}, resumes {resumes}");
+    // A pause drops what librdkafka had prefetched and refetches it later:
+    // nothing is handed out twice.
+    assert_eq!(kstats.fetched.load(Ordering::Relaxed), total as u64);
+    assert_all_committed(&admin, &group, &[topic], 3).await;
+}
