@@ -43,6 +43,9 @@ mod optional_millis {
     }
 }
 
+/// Upper bound on `pool.concurrency`: each unit is a worker task.
+pub const MAX_CONCURRENCY: usize = 65_536;
+
 /// Why a configuration file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -70,9 +73,10 @@ impl BusConfig {
     /// Rejects values the bus cannot run with, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.into() });
-        if self.pool.concurrency == 0 {
-            return invalid("pool.concurrency", "must be at least 1");
+        if self.pool.concurrency == 0 || self.pool.concurrency > MAX_CONCURRENCY {
+            return invalid("pool.concurrency", &format!("must be between 1 and {MAX_CONCURRENCY}"));
         }
+
         if self.pool.capacity == 0 {
             return invalid("pool.capacity", "must be at least 1");
         }

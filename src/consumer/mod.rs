@@ -12,7 +12,9 @@ mod task;
 
 /// Header names of dead-letter messages.
 pub mod task_headers {
-    pub use super::task::{DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_REASON};
+    pub use super::task::{
+        DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED, DLQ_REASON,
+    };
 }
 
 use std::collections::BTreeMap;

@@ -19,11 +19,20 @@ pub const DLQ_ATTEMPTS: &str = "x-dlq-attempts";
 pub const DLQ_ORIGIN_TOPIC: &str = "x-dlq-origin-topic";
 pub const DLQ_ORIGIN_PARTITION: &str = "x-dlq-origin-partition";
 pub const DLQ_ORIGIN_OFFSET: &str = "x-dlq-origin-offset";
+/// Set when the broker refused the dead letter with its payload; the value
+/// is the broker's error. The payload stays at the origin position.
+pub const DLQ_PAYLOAD_OMITTED: &str = "x-dlq-payload-omitted";
 
 /// The task stopped because its partition was revoked; it did not complete.
 #[derive(Debug, thiserror::Error)]
 #[error("partition revoked before the event completed")]
 pub struct Fenced;
+
+/// The broker refused the dead letter for good, even without its payload:
+/// the event is left uncommitted and is redelivered.
+#[derive(Debug, thiserror::Error)]
+#[error("dead-letter topic refused the event: {0}")]
+pub struct DeadLetterRefused(pub crate::broker::BrokerError);
 
 pub(super) struct TaskContext<B> {
     pub broker: Arc<B>,
@@ -137,6 +146,7 @@ async fn dead_letter<B: Broker>(
         headers,
         payload: delivery.payload.clone(),
     };
+    let mut msg = msg;
     let mut attempt = 1;
     loop {
         match ctx.broker.publish(msg.clone()).await {
@@ -145,10 +155,24 @@ async fn dead_letter<B: Broker>(
                 tracing::warn!(topic = %delivery.topic, offset = delivery.offset, reason, error, "event dead-lettered");
                 return Ok(());
             }
+            Err(e) if ctx.fenced() => {
+                tracing::debug!(error = %e, "dead-letter publish abandoned: partition revoked");
+                return Err(Box::new(Fenced));
+            }
+            // Refused for good (e.g. too large once the dead-letter headers
+            // are added): the origin topic still holds the payload at the
+            // position the headers name, so a dead letter without it loses
+            // nothing.
+            Err(e) if !e.is_retriable() && !msg.payload.is_empty() => {
+                tracing::warn!(error = %e, topic = %msg.topic, "dead letter refused; retrying without the payload");
+                msg.payload.clear();
+                msg.headers.push((DLQ_PAYLOAD_OMITTED.to_string(), e.to_string().into_bytes()));
+            }
+            Err(e) if !e.is_retriable() => {
+                tracing::error!(error = %e, topic = %msg.topic, "dead letter refused; event left uncommitted");
+                return Err(Box::new(DeadLetterRefused(e)));
+            }
             Err(e) => {
-                if ctx.fenced() {
-                    return Err(Box::new(Fenced));
-                }
                 tracing::warn!(error = %e, topic = %msg.topic, "dead-letter publish failed; retrying");
                 tokio::time::sleep(ctx.config.retry.backoff(attempt)).await;
                 attempt += 1;
