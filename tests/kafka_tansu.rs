@@ -12,10 +12,13 @@
 //! selected by `EVENTBUS_KAFKA_CHILD` (see [`child_process_entry`]); without
 //! that variable the entry returns at once.
 
+mod common;
+
+use common::crash_child::{replay, temp_path, ChildProc};
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -375,99 +378,16 @@ async fn child_main() {
     println!("CLOSED handed_back={} commit_error={:?}", report.handed_back, report.final_commit_error);
 }
 
-struct ChildProc {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl ChildProc {
-    fn spawn(brokers: &str, group: &str, topics: &[String], log: &Path) -> ChildProc {
-        let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new(exe)
-            .args(["child_process_entry", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, "1")
-            .env("CHILD_BROKERS", brokers)
-            .env("CHILD_GROUP", group)
-            .env("CHILD_TOPICS", topics.join(","))
-            .env("CHILD_LOG", log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("re-running the test binary as the consumer process");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        ChildProc { child, lines }
-    }
-
-    /// The next `DONE` line's (aggregate, version), `None` once stdout closed.
-    async fn next_done(&mut self) -> Option<(String, i64)> {
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(60), self.lines.recv())
-                .await
-                .expect("the consumer process went quiet for 60 s")?;
-            if let Some(rest) = line.strip_prefix("DONE ") {
-                let (agg, v) = rest.split_once(' ').unwrap();
-                return Some((agg.to_string(), v.parse().unwrap()));
-            }
-        }
-    }
-}
-
-impl Drop for ChildProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[derive(Default)]
-struct LogReplay {
-    /// (topic, aggregate, version) completions.
-    completed: BTreeMap<(String, String, i64), u32>,
-    began: Vec<(String, String, i64)>,
-}
-
-/// Feeds a child's log into the checker; a begin without completion (the
-/// kill) is recorded as a failure at the end of the log.
-fn replay(path: &Path, checker: &OrderChecker) -> LogReplay {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut out = LogReplay::default();
-    let mut running: BTreeMap<String, i64> = BTreeMap::new();
-    for line in text.lines() {
-        let parts: Vec<&str> = line.split(' ').collect();
-        let [kind, topic, agg, v] = parts[..] else { panic!("torn log line {line:?}") };
-        let v: i64 = v.parse().unwrap();
-        match kind {
-            "B" => {
-                checker.begin(agg, v);
-                running.insert(agg.to_string(), v);
-                out.began.push((topic.to_string(), agg.to_string(), v));
-            }
-            "C" => {
-                checker.complete(agg, v);
-                running.remove(agg);
-                *out.completed.entry((topic.to_string(), agg.to_string(), v)).or_default() += 1;
-            }
-            _ => panic!("bad log line {line:?}"),
-        }
-    }
-    for (agg, v) in running {
-        checker.fail(&agg, v);
-    }
-    out
-}
-
-fn temp_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()))
+/// Starts the consumer process (see `child_process_entry`).
+fn spawn_child(brokers: &str, group: &str, topics: &[String], log: &Path) -> ChildProc {
+    let topics = topics.join(",");
+    ChildProc::spawn(&[
+        (CHILD_ENV, "1"),
+        ("CHILD_BROKERS", brokers),
+        ("CHILD_GROUP", group),
+        ("CHILD_TOPICS", &topics),
+        ("CHILD_LOG", log.to_str().expect("temp paths are UTF-8")),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,7 +434,7 @@ async fn consumer_process_killed_and_restarted_resumes_from_the_committed_fronti
 
     // First run: SIGKILL after a third of the events completed.
     let log1 = temp_path("eventbus-kafka-crash-1");
-    let mut first = ChildProc::spawn(&brokers, &group, &topics, &log1);
+    let mut first = spawn_child(&brokers, &group, &topics, &log1);
     let mut done_first = 0;
     while done_first < total / 3 {
         first.next_done().await.expect("first consumer process exited early");
@@ -530,7 +450,7 @@ async fn consumer_process_killed_and_restarted_resumes_from_the_committed_fronti
     let run1 = replay(&log1, &checker);
     let mut completed: BTreeSet<(String, i64)> = run1.completed.keys().map(|(_, a, v)| (a.clone(), *v)).collect();
     let log2 = temp_path("eventbus-kafka-crash-2");
-    let mut second = ChildProc::spawn(&brokers, &group, &topics, &log2);
+    let mut second = spawn_child(&brokers, &group, &topics, &log2);
     while completed.len() < total {
         let (agg, v) = second.next_done().await.expect("second consumer process exited early");
         completed.insert((agg, v));

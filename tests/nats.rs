@@ -13,6 +13,10 @@
 //! selected by `EVENTBUS_NATS_CHILD` (see [`child_process_entry`]); without
 //! that variable the entry returns at once.
 
+mod common;
+
+use common::crash_child::{replay, temp_path, ChildProc};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -131,7 +135,7 @@ fn checked_handler(
         Box::pin(async move {
             checker.begin(&env.aggregate_id, env.event_version);
             if !work.is_zero() {
-                tokio::time::sleep(work).await;
+                tokio::time::sleep(work).await; // simulated handler work
             }
             checker.complete(&env.aggregate_id, env.event_version);
             progress.completed(&env.aggregate_id, env.event_version);
@@ -548,7 +552,7 @@ async fn child_main() {
             async move {
                 let line = |kind: &str| format!("{kind} {topic} {} {}\n", env.aggregate_id, env.event_version);
                 log.lock().unwrap().write_all(line("B").as_bytes()).unwrap();
-                tokio::time::sleep(Duration::from_millis(4)).await;
+                tokio::time::sleep(Duration::from_millis(4)).await; // simulated handler work
                 log.lock().unwrap().write_all(line("C").as_bytes()).unwrap();
                 let mut out = std::io::stdout().lock();
                 writeln!(out, "DONE {} {}", env.aggregate_id, env.event_version).unwrap();
@@ -571,99 +575,16 @@ async fn child_main() {
     println!("CLOSED handed_back={} commit_error={:?}", report.handed_back, report.final_commit_error);
 }
 
-struct ChildProc {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl ChildProc {
-    fn spawn(url: &str, group: &str, topics: &[String], log: &Path) -> ChildProc {
-        let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new(exe)
-            .args(["child_process_entry", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, "1")
-            .env("CHILD_URL", url)
-            .env("CHILD_GROUP", group)
-            .env("CHILD_TOPICS", topics.join(","))
-            .env("CHILD_LOG", log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("re-running the test binary as the consumer process");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        ChildProc { child, lines }
-    }
-
-    /// The next `DONE` line's (aggregate, version), `None` once stdout closed.
-    async fn next_done(&mut self) -> Option<(String, i64)> {
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(60), self.lines.recv())
-                .await
-                .expect("the consumer process went quiet for 60 s")?;
-            if let Some(rest) = line.strip_prefix("DONE ") {
-                let (agg, v) = rest.split_once(' ').unwrap();
-                return Some((agg.to_string(), v.parse().unwrap()));
-            }
-        }
-    }
-}
-
-impl Drop for ChildProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[derive(Default)]
-struct LogReplay {
-    /// (topic, aggregate, version) completions.
-    completed: BTreeMap<(String, String, i64), u32>,
-    began: Vec<(String, String, i64)>,
-}
-
-/// Feeds a child's log into the checker; a begin without completion (the
-/// kill) is recorded as a failure at the end of the log.
-fn replay(path: &Path, checker: &OrderChecker) -> LogReplay {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut out = LogReplay::default();
-    let mut running: BTreeMap<String, i64> = BTreeMap::new();
-    for line in text.lines() {
-        let parts: Vec<&str> = line.split(' ').collect();
-        let [kind, topic, agg, v] = parts[..] else { panic!("torn log line {line:?}") };
-        let v: i64 = v.parse().unwrap();
-        match kind {
-            "B" => {
-                checker.begin(agg, v);
-                running.insert(agg.to_string(), v);
-                out.began.push((topic.to_string(), agg.to_string(), v));
-            }
-            "C" => {
-                checker.complete(agg, v);
-                running.remove(agg);
-                *out.completed.entry((topic.to_string(), agg.to_string(), v)).or_default() += 1;
-            }
-            _ => panic!("bad log line {line:?}"),
-        }
-    }
-    for (agg, v) in running {
-        checker.fail(&agg, v);
-    }
-    out
-}
-
-fn temp_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()))
+/// Starts the consumer process (see `child_process_entry`).
+fn spawn_child(url: &str, group: &str, topics: &[String], log: &Path) -> ChildProc {
+    let topics = topics.join(",");
+    ChildProc::spawn(&[
+        (CHILD_ENV, "1"),
+        ("CHILD_URL", url),
+        ("CHILD_GROUP", group),
+        ("CHILD_TOPICS", &topics),
+        ("CHILD_LOG", log.to_str().expect("temp paths are UTF-8")),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -701,7 +622,7 @@ async fn consumer_process_killed_and_restarted_loses_nothing_and_keeps_order() {
 
     // First run: SIGKILL after a third of the events completed.
     let log1 = temp_path("eventbus-nats-crash-1");
-    let mut first = ChildProc::spawn(&url, &group, &topics, &log1);
+    let mut first = spawn_child(&url, &group, &topics, &log1);
     let mut done_first = 0;
     while done_first < total / 3 {
         first.next_done().await.expect("first consumer process exited early");
@@ -719,7 +640,7 @@ async fn consumer_process_killed_and_restarted_loses_nothing_and_keeps_order() {
     let run1 = replay(&log1, &checker);
     let mut completed: BTreeSet<(String, i64)> = run1.completed.keys().map(|(_, a, v)| (a.clone(), *v)).collect();
     let log2 = temp_path("eventbus-nats-crash-2");
-    let mut second = ChildProc::spawn(&url, &group, &topics, &log2);
+    let mut second = spawn_child(&url, &group, &topics, &log2);
     while completed.len() < total {
         let (agg, v) = second.next_done().await.expect("second consumer process exited early");
         completed.insert((agg, v));
@@ -897,7 +818,7 @@ async fn server_restart_mid_stream_resumes_without_loss() {
                     while let Err(e) = bus.publish_envelope(&topic, &env).await {
                         failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %e, "publish failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await; // retry pacing
+                        tokio::time::sleep(Duration::from_millis(100)).await; // publish retry backoff during the outage
                     }
                 }
             }));

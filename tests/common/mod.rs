@@ -1,6 +1,8 @@
 //! Helpers shared by the memory-broker tests.
 #![allow(dead_code)]
 
+pub mod crash_child;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
