@@ -10,6 +10,7 @@ pub mod broker;
 pub mod consumer;
 pub mod bus;
 pub mod checker;
+pub mod telemetry;
 #[cfg(feature = "planted-bugs")]
 pub mod planted;
 

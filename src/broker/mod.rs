@@ -90,6 +90,33 @@ pub enum SessionEvent {
     Lost(Vec<TopicPartition>),
 }
 
+/// Whether a broker client currently reaches its broker; readiness probes and
+/// reconnect callbacks watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionState {
+    Connected,
+    Disconnected,
+}
+
+/// How far a consumer group is behind one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub partition: TopicPartition,
+    /// The offset the next published message will get (Kafka's high
+    /// watermark; JetStream's last sequence + 1).
+    pub end_offset: u64,
+    /// The group's committed offset (next to read); 0 when nothing is committed.
+    pub committed: u64,
+}
+
+impl PartitionLag {
+    /// Messages published but not yet committed by the group.
+    pub fn lag(&self) -> u64 {
+        self.end_offset.saturating_sub(self.committed)
+    }
+}
+
 /// Broker failures, typed by what the caller can do about them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -133,6 +160,23 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Makes sure `topic` exists with at least `partitions` partitions.
     fn ensure_topic(&self, topic: &str, partitions: u32) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Watches whether the client reaches its broker. The default suits a
+    /// broker that cannot disconnect (in-process): always connected.
+    fn connection_state(&self) -> tokio::sync::watch::Receiver<ConnectionState> {
+        tokio::sync::watch::channel(ConnectionState::Connected).1
+    }
+
+    /// The group's lag on every partition of `topics`, read from the broker
+    /// (end offset and committed offset), for metrics and backlog alerts.
+    fn consumer_lag(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> impl Future<Output = Result<Vec<PartitionLag>, BrokerError>> + Send {
+        let _ = (group, topics);
+        async { Err(BrokerError::Other("this broker does not report consumer lag".into())) }
+    }
 }
 
 /// One member's view of a consumer group.
