@@ -15,6 +15,9 @@ pub mod telemetry;
 pub mod planted;
 
 pub use broker::memory::{MemoryBroker, MemoryConfig};
-pub use broker::{Broker, BrokerError, Delivery, Headers, Outbound, Position, Session, SessionEvent, TopicPartition};
+pub use broker::{
+    Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
+    TopicPartition,
+};
 pub use bus::{BusConfig, EventBus};
 pub use envelope::Envelope;

@@ -17,7 +17,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
 
-use super::{Broker, BrokerError, Delivery, Headers, Outbound, Position, Session, SessionEvent, TopicPartition};
+use super::{
+    Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
+    TopicPartition,
+};
 
 /// Settings of a [`MemoryBroker`].
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -86,6 +89,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes sessions waiting in `next` after any change.
     changed: Notify,
+    /// Reachability as set by [`MemoryBroker::set_connection_state`].
+    connection: tokio::sync::watch::Sender<ConnectionState>,
 }
 
 impl Shared {
@@ -161,6 +166,7 @@ impl MemoryBroker {
                     rng,
                 }),
                 changed: Notify::new(),
+                connection: tokio::sync::watch::Sender::new(ConnectionState::Connected),
             }),
         }
     }
@@ -200,6 +206,13 @@ impl MemoryBroker {
     /// Rebalances a group has gone through.
     pub fn rebalances(&self, group: &str) -> u64 {
         self.shared.lock().groups.get(group).map_or(0, |g| g.rebalances)
+    }
+
+    /// Simulates losing (or regaining) the connection, for testing health
+    /// checks and reconnect callbacks: while disconnected, publishes fail
+    /// with [`BrokerError::Unavailable`]; sessions are not affected.
+    pub fn set_connection_state(&self, state: ConnectionState) {
+        self.shared.connection.send_replace(state);
     }
 
     /// Members currently in `group`.
@@ -298,6 +311,9 @@ impl Broker for MemoryBroker {
     type Session = MemorySession;
 
     async fn publish(&self, msg: Outbound) -> Result<Position, BrokerError> {
+        if *self.shared.connection.borrow() == ConnectionState::Disconnected {
+            return Err(BrokerError::Unavailable("memory broker: simulated disconnection".into()));
+        }
         let cfg = &self.shared.config;
         if !cfg.publish_delay.is_zero() || !cfg.publish_jitter.is_zero() {
             let jitter = if cfg.publish_jitter.is_zero() {
@@ -366,6 +382,26 @@ impl Broker for MemoryBroker {
             self.notify();
         }
         Ok(())
+    }
+
+    fn connection_state(&self) -> tokio::sync::watch::Receiver<ConnectionState> {
+        self.shared.connection.subscribe()
+    }
+
+    async fn consumer_lag(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, BrokerError> {
+        let st = self.shared.lock();
+        let committed = st.groups.get(group).map(|g| &g.committed);
+        let mut lags = Vec::new();
+        for topic in topics {
+            let Some(parts) = st.topics.get(topic) else { continue };
+            let name: Arc<str> = topic.as_str().into();
+            for (p, log) in parts.iter().enumerate() {
+                let partition = TopicPartition { topic: name.clone(), partition: p as u32 };
+                let committed = committed.and_then(|c| c.get(&partition)).copied().unwrap_or(0);
+                lags.push(PartitionLag { partition, end_offset: log.len() as u64, committed });
+            }
+        }
+        Ok(lags)
     }
 }
 
