@@ -276,6 +276,11 @@ async fn close_with_events_in_flight_loses_nothing() {
     let progress = Arc::new(Progress::default());
     let mut config = fast_config("restart");
     config.close_timeout = Some(Duration::from_millis(50));
+    // Each of the 20 aggregates gets one handler stuck at version 3; with
+    // fewer workers than aggregates the stuck ones could take every worker
+    // before another partition's versions 1 and 2 arrive, and they would
+    // never run.
+    config.pool.concurrency = 32;
     let first = EventBus::builder(broker.clone()).config(config.clone()).build().unwrap();
     let stuck = Arc::new(Mutex::new(0u32));
     {

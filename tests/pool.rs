@@ -649,3 +649,73 @@ fn dropping_last_handle_aborts_workers() {
         assert_no_tasks_alive().await;
     });
 }
+
+/// Submits `n` tasks over a few keys that each wait for one permit of `gate`.
+async fn gated_tasks(pool: &Pool, n: usize, gate: &Arc<Semaphore>, replies: &Arc<Replies>) {
+    for i in 0..n {
+        let gate = Arc::clone(gate);
+        let work = async move {
+            gate.acquire().await.unwrap().forget();
+            Ok(())
+        };
+        pool.submit(Task::new(key(format!("k{}", i % 7)), work, replies.reply(i))).await.unwrap();
+    }
+}
+
+/// Concurrent `close` calls share one drain: the second one does not return
+/// before every accepted task ran, and both get the same report.
+#[test]
+fn concurrent_closes_wait_for_the_same_drain() {
+    const N: usize = 200;
+    multi_thread_runtime().block_on(async {
+        let pool = Pool::new(config(4, 1_000));
+        let gate = Arc::new(Semaphore::new(0));
+        let replies = Arc::new(Replies::default());
+        gated_tasks(&pool, N, &gate, &replies).await;
+        let closed_after = |report: CloseReport| (report, replies.total());
+        let (first, second, ()) = tokio::join!(
+            async { closed_after(pool.close(None).await) },
+            // Polled after the first call took the workers.
+            async { closed_after(pool.close(Some(Duration::from_millis(1))).await) },
+            async {
+                assert_eq!(replies.total(), 0, "nothing ran before the gate opened");
+                gate.add_permits(N);
+            }
+        );
+        let drained = CloseReport { handed_back: 0, timed_out: false };
+        assert_eq!(first, (drained, N));
+        assert_eq!(second, (drained, N), "the second close waited for the drain (the first call's deadline counts)");
+        for i in 0..N {
+            assert_eq!(replies.only(i), "ok", "task {i}");
+        }
+        drop(pool);
+        assert_no_tasks_alive().await;
+    });
+}
+
+/// A `close` future dropped midway does not abandon the drain: it goes on,
+/// and a later `close` waits for it and reports it.
+#[test]
+fn dropped_close_future_still_drains() {
+    const N: usize = 200;
+    multi_thread_runtime().block_on(async {
+        let pool = Pool::new(config(4, 1_000));
+        let gate = Arc::new(Semaphore::new(0));
+        let replies = Arc::new(Replies::default());
+        gated_tasks(&pool, N, &gate, &replies).await;
+        let mut abandoned = Box::pin(pool.close(None));
+        assert!(futures::poll!(abandoned.as_mut()).is_pending(), "the gate is shut, so the drain cannot be done");
+        drop(abandoned);
+        assert!(pool.is_closed());
+        assert_eq!(replies.total(), 0);
+
+        let (report, ()) = tokio::join!(pool.close(None), async { gate.add_permits(N) });
+        assert_eq!(report, CloseReport { handed_back: 0, timed_out: false });
+        assert_eq!(replies.total(), N, "close returned only after the drain");
+        for i in 0..N {
+            assert_eq!(replies.only(i), "ok", "task {i}");
+        }
+        drop(pool);
+        assert_no_tasks_alive().await;
+    });
+}

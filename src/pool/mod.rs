@@ -19,7 +19,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Shared as SharedFuture};
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -163,6 +163,8 @@ struct Shared {
     core: Arc<Core<Key, Task>>,
     config: PoolConfig,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The one close, once started: later and concurrent calls await it.
+    closing: std::sync::Mutex<Option<SharedFuture<BoxFuture<'static, CloseReport>>>>,
 }
 
 /// The global keyed worker pool. Cloning shares the same pool.
@@ -188,6 +190,7 @@ impl Pool {
             core: Arc::new(Core::new(config.capacity)),
             config,
             workers: std::sync::Mutex::new(Vec::new()),
+            closing: std::sync::Mutex::new(None),
         });
         let workers = (0..shared.config.concurrency)
             .map(|_| tokio::spawn(worker(Arc::clone(&shared.core))))
@@ -258,50 +261,78 @@ impl Pool {
     /// When `deadline` is given and passes first, queued tasks are handed
     /// back and in-flight ones cancelled, each reported `NotProcessed`.
     /// When this returns, no worker task of the pool is alive.
+    ///
+    /// The drain runs in a task of its own, so it finishes even if this
+    /// future is dropped midway; every call (concurrent or later) waits for
+    /// that one drain and gets its report. The first call's deadline counts.
     pub async fn close(&self, deadline: Option<Duration>) -> CloseReport {
-        #[cfg(feature = "planted-bugs")]
-        if crate::planted::active(crate::planted::Bug::DropQueuedOnClose) {
-            for (_, task) in self.shared.core.abort() {
-                task.reply.send(Outcome::Done(Ok(())));
-            }
-        }
-        self.shared.core.close();
-        let mut workers: Vec<JoinHandle<()>> =
-            std::mem::take(&mut *self.shared.workers.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut report = CloseReport::default();
-        // Handles joined so far: a JoinHandle must not be awaited again
-        // after it completed, so the abort path only joins the rest.
-        let mut joined = 0;
-        let drained = async {
-            for handle in workers.iter_mut() {
-                let _ = handle.await;
-                joined += 1;
-            }
+        let closing = {
+            let mut slot = self.shared.closing.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| {
+                #[cfg(feature = "planted-bugs")]
+                if crate::planted::active(crate::planted::Bug::DropQueuedOnClose) {
+                    for (_, task) in self.shared.core.abort() {
+                        task.reply.send(Outcome::Done(Ok(())));
+                    }
+                }
+                // Intake stops before the first await: a submit racing with
+                // `close` either got in before or is refused.
+                self.shared.core.close();
+                let workers = std::mem::take(&mut *self.shared.workers.lock().unwrap_or_else(|p| p.into_inner()));
+                let drain = tokio::spawn(drain(Arc::clone(&self.shared.core), workers, deadline));
+                async move {
+                    match drain.await {
+                        Ok(report) => report,
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        // Cancelled: the runtime is shutting down and took the workers with it.
+                        Err(_) => CloseReport { handed_back: 0, timed_out: true },
+                    }
+                }
+                .boxed()
+                .shared()
+            })
+            .clone()
         };
-        let finished = match deadline {
-            None => {
-                drained.await;
-                true
-            }
-            Some(limit) => tokio::time::timeout(limit, drained).await.is_ok(),
-        };
-        if !finished {
-            report.timed_out = true;
-            let queued = self.shared.core.abort();
-            let in_flight = self.shared.core.stats().in_flight;
-            report.handed_back = queued.len() + in_flight;
-            // Dropping each handed-back task reports NotProcessed to its submitter.
-            drop(queued);
-            let remaining = &mut workers[joined..];
-            for handle in remaining.iter() {
-                handle.abort();
-            }
-            for handle in remaining.iter_mut() {
-                let _ = handle.await;
-            }
-        }
-        report
+        closing.await
     }
+}
+
+/// Waits for `workers` to finish the accepted tasks; after `deadline`, hands
+/// back the queued ones and cancels the rest.
+async fn drain(core: Arc<Core<Key, Task>>, mut workers: Vec<JoinHandle<()>>, deadline: Option<Duration>) -> CloseReport {
+    let mut report = CloseReport::default();
+    // Handles joined so far: a JoinHandle must not be awaited again
+    // after it completed, so the abort path only joins the rest.
+    let mut joined = 0;
+    let drained = async {
+        for handle in workers.iter_mut() {
+            let _ = handle.await;
+            joined += 1;
+        }
+    };
+    let finished = match deadline {
+        None => {
+            drained.await;
+            true
+        }
+        Some(limit) => tokio::time::timeout(limit, drained).await.is_ok(),
+    };
+    if !finished {
+        report.timed_out = true;
+        let queued = core.abort();
+        let in_flight = core.stats().in_flight;
+        report.handed_back = queued.len() + in_flight;
+        // Dropping each handed-back task reports NotProcessed to its submitter.
+        drop(queued);
+        let remaining = &mut workers[joined..];
+        for handle in remaining.iter() {
+            handle.abort();
+        }
+        for handle in remaining.iter_mut() {
+            let _ = handle.await;
+        }
+    }
+    report
 }
 
 impl Drop for Shared {
