@@ -517,15 +517,7 @@ fn close_drains_every_queued_message() {
         let pool = Pool::new(config(2, 10_000));
         let gate = Arc::new(Semaphore::new(0));
         let replies = Arc::new(Replies::default());
-        for i in 0..N {
-            let gate = Arc::clone(&gate);
-            let work = async move {
-                gate.acquire().await.unwrap().forget();
-                tokio::task::yield_now().await;
-                Ok(())
-            };
-            pool.submit(Task::new(key(format!("k{}", i % 50)), work, replies.reply(i))).await.unwrap();
-        }
+        gated_tasks(&pool, N, &gate, &replies).await;
         // Handlers are held: at most `concurrency` messages left the queue.
         let s = pool.stats();
         assert_eq!(s.queued + s.in_flight, N);
