@@ -173,7 +173,8 @@ pub(crate) struct TopicMetrics {
 impl TopicMetrics {
     pub fn new(topic: &str) -> TopicMetrics {
         let t = || ("topic", topic.to_string());
-        let dead = |reason: &'static str| metrics::counter!(DEAD_LETTERED, "topic" => topic.to_string(), "reason" => reason);
+        let dead =
+            |reason: &'static str| metrics::counter!(DEAD_LETTERED, "topic" => topic.to_string(), "reason" => reason);
         TopicMetrics {
             handled: metrics::counter!(HANDLED, &[t()]),
             failed: metrics::counter!(FAILED, &[t()]),
