@@ -966,7 +966,10 @@ async fn consumer_lag_is_the_high_watermark_minus_the_committed_offset() {
     let tp = |p: u32| TopicPartition::new(topic.as_str(), p);
     let lag = |committed: [u64; 2]| {
         (0..2u32)
-            .map(|p| eventbus::PartitionLag { partition: tp(p), end_offset: ends[p as usize], committed: committed[p as usize] })
+            .map(|p| {
+                let (end_offset, committed) = (ends[p as usize], committed[p as usize]);
+                eventbus::PartitionLag { partition: tp(p), end_offset, committed }
+            })
             .collect::<Vec<_>>()
     };
     let topics = [topic.clone(), unique("no-such-topic")];
