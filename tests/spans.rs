@@ -34,8 +34,8 @@ impl Visit for FieldsVisitor<'_> {
     }
 }
 
-/// Closed spans (name, fields) and log events (message, fields of the span
-/// they were logged in).
+/// Closed spans (name, fields) and log events (message, fields of the spans
+/// they were logged in, outermost first, inner ones overriding).
 #[derive(Clone, Default)]
 struct Capture {
     spans: Arc<Mutex<Vec<(String, Fields)>>>,
@@ -61,10 +61,12 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
         let mut own = Fields::new();
         event.record(&mut FieldsVisitor(&mut own));
         let message = own.remove("message").unwrap_or_default();
-        let span_fields = ctx
-            .event_span(event)
-            .and_then(|s| s.extensions().get::<Fields>().cloned())
-            .unwrap_or_default();
+        let mut span_fields = Fields::new();
+        for span in ctx.event_scope(event).into_iter().flat_map(|scope| scope.from_root()) {
+            if let Some(fields) = span.extensions().get::<Fields>() {
+                span_fields.extend(fields.clone());
+            }
+        }
         self.events.lock().unwrap().push((message, span_fields));
     }
 
@@ -200,6 +202,13 @@ fn publish_and_handle_spans_carry_position_identity_attempt_and_trace_ids() {
     // The handler's own log lines are inside its span, IDs included.
     let events = capture.events.lock().unwrap();
     let in_handler: Vec<&Fields> = events.iter().filter(|(m, _)| m == "handling an order").map(|(_, f)| f).collect();
-    assert_eq!(in_handler.len(), 3, "two attempts of the first event, one of the second");
-    assert!(in_handler.iter().all(|f| f["trace_id"] == "trace-1" && f["correlation_id"] == "corr-1"), "{in_handler:?}");
+    let seen: Vec<(&str, &str, &str, &str)> = in_handler
+        .iter()
+        .map(|f| (f["offset"].as_str(), f["attempt"].as_str(), f["trace_id"].as_str(), f["correlation_id"].as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![("0", "1", "trace-1", "corr-1"), ("0", "2", "trace-1", "corr-1"), ("1", "1", "trace-1", "corr-1")],
+        "two attempts of the first event, one of the second, each in its attempt span"
+    );
 }

@@ -96,7 +96,9 @@ pub(super) fn build<B: Broker>(
 /// The `handle` span of one event: where it came from and what it is, with
 /// the trace and correlation IDs of its envelope (or headers), so every log
 /// line of the handler and the consumer carries them. `attempt` is the
-/// handler attempt, recorded as retries happen.
+/// number of handler attempts made, recorded once they end; each attempt
+/// runs in a child `attempt` span of its own (recording the field on every
+/// retry would repeat it in formatted logs).
 fn handle_span(delivery: &Delivery, envelope: Option<&Envelope>, key: Option<&str>) -> tracing::Span {
     let span = tracing::info_span!(
         "handle",
@@ -150,10 +152,13 @@ where
     for attempt in 1..=attempts {
         // Revoked while queued or between attempts: the next owner redoes it.
         if ctx.fenced() {
+            if attempt > 1 {
+                tracing::Span::current().record("attempt", attempt - 1);
+            }
             return Err(Box::new(Fenced));
         }
-        tracing::Span::current().record("attempt", attempt);
-        let result = match AssertUnwindSafe(run()).catch_unwind().await {
+        let run = AssertUnwindSafe(run()).catch_unwind().instrument(tracing::info_span!("attempt", attempt));
+        let result = match run.await {
             Ok(r) => r,
             Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic))) as HandlerError),
         };
@@ -162,6 +167,7 @@ where
                 ConsumerStats::bump(&ctx.stats.handled);
                 ctx.metrics.handled.increment(1);
                 ctx.metrics.observe_handling(started.elapsed());
+                tracing::Span::current().record("attempt", attempt);
                 return Ok(());
             }
             Err(e) => {
@@ -177,6 +183,7 @@ where
         }
     }
     ctx.metrics.observe_handling(started.elapsed());
+    tracing::Span::current().record("attempt", attempts);
     dead_letter(ctx, delivery, "handler", &last_error, attempts).await
 }
 
