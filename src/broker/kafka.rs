@@ -741,6 +741,21 @@ struct Inner {
     offset_readers: Mutex<HashMap<String, Arc<BaseConsumer<LogContext>>>>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping a consumer that has a group.id closes it and polls until
+        // closed: keep that off the async worker threads.
+        let readers = std::mem::take(&mut *lock(&self.offset_readers));
+        if readers.is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(readers))),
+            Err(_) => drop(readers),
+        }
+    }
+}
+
 /// A Kafka cluster: one idempotent producer, one admin client, and one
 /// consumer per group session. Cloning shares them.
 #[derive(Clone)]
