@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{fast_config, Progress};
-use eventbus::envelope::{HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_TRACE_ID};
+use eventbus::envelope::{HEADER_AGGREGATE_ID, HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_TRACE_ID};
 use eventbus::{Delivery, Envelope, EventBus, MemoryBroker};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -143,6 +143,7 @@ fn publish_and_handle_spans_carry_position_identity_attempt_and_trace_ids() {
         bus.publish_envelope("orders", &env).await.unwrap();
         bus.publish_envelope("orders", &env).await.unwrap(); // offset 1: the second event
         let headers = vec![
+            (HEADER_AGGREGATE_ID.to_string(), b"note-7".to_vec()),
             (HEADER_EVENT_TYPE.to_string(), b"NoteAdded".to_vec()),
             (HEADER_TRACE_ID.to_string(), b"trace-2".to_vec()),
             (HEADER_CORRELATION_ID.to_string(), b"corr-2".to_vec()),
@@ -193,6 +194,7 @@ fn publish_and_handle_spans_carry_position_identity_attempt_and_trace_ids() {
             ("offset", "0"),
             ("delivery_attempt", "1"),
             ("attempt", "1"),
+            ("aggregate_id", "note-7"),
             ("event_type", "NoteAdded"),
             ("trace_id", "trace-2"),
             ("correlation_id", "corr-2"),

@@ -115,7 +115,14 @@ fn handle_span(delivery: &Delivery, envelope: Option<&Envelope>, key: Option<&st
     if span.is_disabled() {
         return span;
     }
-    span.record("aggregate_id", key);
+    match key {
+        Some(id) => span.record("aggregate_id", id),
+        // Raw topics are not keyed; name the aggregate if headers or key do.
+        None => {
+            let id = aggregate_id_from(None, &delivery.headers, delivery.key.as_deref(), None);
+            span.record("aggregate_id", id.as_ref().map(|id| id.id.as_str()))
+        }
+    };
     match envelope {
         Some(e) => {
             span.record("event_type", e.event_type.as_str());
