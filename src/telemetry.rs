@@ -139,8 +139,8 @@ pub(crate) async fn publish<B: Broker>(
     if let Some(e) = envelope.filter(|_| !span.is_disabled()) {
         span.record("aggregate_id", e.aggregate_id.as_str());
         span.record("event_type", e.event_type.as_str());
-        span.record("trace_id", e.trace_id.as_deref());
-        span.record("correlation_id", e.correlation_id.as_deref());
+        span.record("trace_id", e.trace_id.as_deref().filter(|s| !s.is_empty()));
+        span.record("correlation_id", e.correlation_id.as_deref().filter(|s| !s.is_empty()));
     }
     // The label needs an owned topic; the message moves into the broker.
     let topic = msg.topic.clone();
