@@ -976,7 +976,7 @@ async fn consumer_lag_is_the_high_watermark_minus_the_committed_offset() {
     // Nothing committed: every message is lag; a missing topic has no entry.
     assert_eq!(broker.consumer_lag(&group, &topics).await.unwrap(), lag([0, 0]));
 
-    let mut session = broker.subscribe(&group, &[topic.clone()]).await.unwrap();
+    let mut session = broker.subscribe(&group, std::slice::from_ref(&topic)).await.unwrap();
     let mut read = 0;
     while read < 10 {
         let ev = tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("an event within 30 s");

@@ -895,7 +895,7 @@ async fn consumer_lag_is_the_stream_end_minus_the_ack_floor() {
     // stream has no entry.
     assert_eq!(broker.consumer_lag(&group, &topics).await.unwrap(), lag(1));
 
-    let mut session = broker.subscribe(&group, &[topic.clone()]).await.unwrap();
+    let mut session = broker.subscribe(&group, std::slice::from_ref(&topic)).await.unwrap();
     for seq in 1..=10 {
         assert_eq!(next_message(&mut session).await.offset, seq);
     }

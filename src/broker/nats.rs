@@ -944,10 +944,10 @@ impl Broker for NatsBroker {
     }
 
     /// Per topic (one stream, partition 0): the end offset is the stream's
-    /// last sequence + 1, the committed offset the group durable's ack floor
-    /// + 1 (its newest generation). Without a durable yet, everything still
-    /// stored is lag (committed = the stream's first sequence). Topics
-    /// without a stream are left out.
+    /// last sequence plus one, the committed offset the group durable's ack
+    /// floor plus one (its newest generation). Without a durable yet,
+    /// everything still stored is lag (committed = the stream's first
+    /// sequence). Topics without a stream are left out.
     async fn consumer_lag(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, BrokerError> {
         let mut lags = Vec::with_capacity(topics.len());
         for topic in topics {
