@@ -209,18 +209,16 @@ impl<B: Broker> EventBus<B> {
         payload: Vec<u8>,
     ) -> Result<Position, PublishError> {
         let msg = Outbound { topic: topic.to_string(), key: key.map(<[u8]>::to_vec), headers, payload };
-        let span = tracing::debug_span!("publish", topic, partition = tracing::field::Empty, offset = tracing::field::Empty);
-        let position = self.broker.publish(msg).await?;
-        span.record("partition", position.partition);
-        span.record("offset", position.offset);
-        Ok(position)
+        Ok(crate::telemetry::publish(&*self.broker, msg, None).await?)
     }
 
     /// Publishes an envelope, keyed by its aggregate ID, with its metadata
     /// also in headers.
     pub async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<Position, PublishError> {
-        let payload = envelope.encode()?;
-        self.publish(topic, Some(envelope.aggregate_id.as_bytes()), envelope.to_headers(), payload).await
+        let payload = envelope.encode().inspect_err(|_| crate::telemetry::publish_failed(topic, "envelope"))?;
+        let key = Some(envelope.aggregate_id.as_bytes().to_vec());
+        let msg = Outbound { topic: topic.to_string(), key, headers: envelope.to_headers(), payload };
+        Ok(crate::telemetry::publish(&*self.broker, msg, Some(envelope)).await?)
     }
 
     /// Registers an ordered envelope handler for `topic`: events of one

@@ -943,3 +943,66 @@ async fn full_pool_pauses_partitions_and_resumes() {
     assert_eq!(kstats.fetched.load(Ordering::Relaxed), total as u64);
     assert_all_committed(&admin, &group, &[topic], 3).await;
 }
+
+// ---------------------------------------------------------------------------
+// Consumer lag and connection state, read from the (mock) broker.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_is_the_high_watermark_minus_the_committed_offset() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("lag");
+    mock.create_topic(&topic, 2);
+    let group = unique("g");
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let mut ends = [0u64; 2];
+    for i in 0..10 {
+        let key = Some(format!("key-{i}").into_bytes());
+        let msg = Outbound { topic: topic.clone(), key, headers: vec![], payload: vec![] };
+        let pos = broker.publish(msg).await.unwrap();
+        ends[pos.partition as usize] += 1;
+    }
+    assert!(ends.iter().all(|n| *n >= 2), "keys spread over both partitions: {ends:?}");
+    let tp = |p: u32| TopicPartition::new(topic.as_str(), p);
+    let lag = |committed: [u64; 2]| {
+        (0..2u32)
+            .map(|p| {
+                let (end_offset, committed) = (ends[p as usize], committed[p as usize]);
+                eventbus::PartitionLag { partition: tp(p), end_offset, committed }
+            })
+            .collect::<Vec<_>>()
+    };
+    let topics = [topic.clone(), unique("no-such-topic")];
+    // Nothing committed: every message is lag; a missing topic has no entry.
+    assert_eq!(broker.consumer_lag(&group, &topics).await.unwrap(), lag([0, 0]));
+
+    let mut session = broker.subscribe(&group, std::slice::from_ref(&topic)).await.unwrap();
+    let mut read = 0;
+    while read < 10 {
+        let ev = tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("an event within 30 s");
+        if let SessionEvent::Message(_) = ev.unwrap() {
+            read += 1;
+        }
+    }
+    session.commit(&[(tp(0), 1), (tp(1), ends[1])]).await.unwrap();
+    let lags = broker.consumer_lag(&group, &topics).await.unwrap();
+    assert_eq!(lags, lag([1, ends[1]]));
+    assert_eq!(lags.iter().map(eventbus::PartitionLag::lag).collect::<Vec<_>>(), vec![ends[0] - 1, 0]);
+    session.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_state_follows_the_broker_going_down_and_up() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let mut state = broker.connection_state();
+    assert_eq!(*state.borrow(), eventbus::ConnectionState::Connected);
+    let limit = Duration::from_secs(30);
+    mock.broker_down(1);
+    let down = tokio::time::timeout(limit, state.wait_for(|s| *s == eventbus::ConnectionState::Disconnected)).await;
+    assert!(down.map(|r| r.is_ok()).unwrap_or(false), "no Disconnected within {limit:?} of the broker going down");
+    mock.broker_up(1);
+    let up = tokio::time::timeout(limit, state.wait_for(|s| *s == eventbus::ConnectionState::Connected)).await;
+    assert!(up.map(|r| r.is_ok()).unwrap_or(false), "no Connected within {limit:?} of the broker coming back");
+}

@@ -862,3 +862,70 @@ async fn server_restart_mid_stream_resumes_without_loss() {
     server.kill().await;
     let _ = std::fs::remove_dir_all(&server.dir);
 }
+
+// ---------------------------------------------------------------------------
+// Consumer lag and connection state, read from the server.
+
+async fn next_message(session: &mut eventbus::broker::nats::NatsSession) -> eventbus::Delivery {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), eventbus::Session::next(session))
+            .await
+            .expect("a session event within 10 s")
+            .unwrap();
+        if let eventbus::SessionEvent::Message(d) = ev {
+            return d;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_is_the_stream_end_minus_the_ack_floor() {
+    let topic = unique("lag");
+    let group = unique("g");
+    let broker = connect(nats_config(&nats_url())).await;
+    broker.ensure_topic(&topic, 1).await.unwrap();
+    for i in 0..10u8 {
+        let msg = eventbus::Outbound { topic: topic.clone(), key: None, headers: Vec::new(), payload: vec![i] };
+        broker.publish(msg).await.unwrap();
+    }
+    let tp = eventbus::TopicPartition::new(topic.as_str(), 0);
+    let lag = |committed| vec![eventbus::PartitionLag { partition: tp.clone(), end_offset: 11, committed }];
+    let topics = [topic.clone(), unique("no-such-stream")];
+    // No durable yet: all ten stored messages are lag; a topic without a
+    // stream has no entry.
+    assert_eq!(broker.consumer_lag(&group, &topics).await.unwrap(), lag(1));
+
+    let mut session = broker.subscribe(&group, std::slice::from_ref(&topic)).await.unwrap();
+    for seq in 1..=10 {
+        assert_eq!(next_message(&mut session).await.offset, seq);
+    }
+    assert_eq!(broker.consumer_lag(&group, &topics).await.unwrap(), lag(1), "read, but nothing acknowledged");
+    eventbus::Session::commit(&mut session, &[(tp.clone(), 5)]).await.unwrap();
+    let lags = broker.consumer_lag(&group, &topics).await.unwrap();
+    assert_eq!(lags, lag(5));
+    assert_eq!(lags[0].lag(), 6);
+    eventbus::Session::commit(&mut session, &[(tp.clone(), 11)]).await.unwrap();
+    assert_eq!(broker.consumer_lag(&group, &topics).await.unwrap()[0].lag(), 0);
+    eventbus::Session::close(session).await.unwrap();
+    cleanup(&broker, &[topic]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_state_follows_a_server_restart() {
+    let port = Server::spare_port();
+    let dir = temp_path("eventbus-nats-conn");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = Server::start(port, &dir).await;
+    let broker = connect(nats_config(&format!("nats://127.0.0.1:{port}"))).await;
+    let mut state = broker.connection_state();
+    assert_eq!(*state.borrow(), eventbus::ConnectionState::Connected);
+    let limit = Duration::from_secs(30);
+    server.kill().await;
+    let down = tokio::time::timeout(limit, state.wait_for(|s| *s == eventbus::ConnectionState::Disconnected)).await;
+    assert!(down.map(|r| r.is_ok()).unwrap_or(false), "no Disconnected within {limit:?} of killing the server");
+    let mut server = Server::start(port, &dir).await;
+    let up = tokio::time::timeout(limit, state.wait_for(|s| *s == eventbus::ConnectionState::Connected)).await;
+    assert!(up.map(|r| r.is_ok()).unwrap_or(false), "no Connected within {limit:?} of restarting the server");
+    server.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

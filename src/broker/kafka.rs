@@ -63,11 +63,15 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Broker, BrokerError, Delivery, Headers, Outbound, Position, Session, SessionEvent, TopicPartition};
+use super::{
+    Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
+    TopicPartition,
+};
 
 // ---------------------------------------------------------------------------
 // Configuration.
@@ -394,6 +398,9 @@ impl KafkaConfig {
 
     fn producer_props(&self) -> Props {
         let mut p = self.common();
+        // The statistics tell the connection state when brokers come back
+        // (see `LogContext`); a producer property may override the interval.
+        p.set("statistics.interval.ms", STATISTICS_INTERVAL_MS, "kafka");
         p.set("enable.idempotence", "true", "kafka");
         p.set("acks", "all", "kafka");
         p.set("partitioner", self.partitioner.as_str(), "kafka.partitioner");
@@ -433,6 +440,10 @@ impl KafkaConfig {
         p
     }
 }
+
+/// How often the producer reports statistics, from which a lost connection
+/// is seen to be back.
+const STATISTICS_INTERVAL_MS: u32 = 1000;
 
 fn millis(d: Duration) -> u128 {
     d.as_millis()
@@ -630,10 +641,32 @@ fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
     }
 }
 
-/// Context of the producer and the admin client.
+/// Context of the producer and the admin client. The producer's also keeps
+/// the broker's [`ConnectionState`]: librdkafka reports `AllBrokersDown`
+/// through the error callback when it lost every broker connection
+/// (Disconnected), but reports no recovery; its statistics, every
+/// [`STATISTICS_INTERVAL_MS`], list each broker's state, and one in state
+/// `UP` means it is back (Connected).
 #[derive(Clone)]
 pub struct LogContext {
     role: &'static str,
+    connection: Option<Arc<watch::Sender<ConnectionState>>>,
+}
+
+impl LogContext {
+    fn new(role: &'static str) -> LogContext {
+        LogContext { role, connection: None }
+    }
+
+    fn set_connection(&self, state: ConnectionState) {
+        if let Some(connection) = &self.connection {
+            // Only transitions notify, so watchers can count reconnects.
+            let changed = connection.send_if_modified(|s| std::mem::replace(s, state) != state);
+            if changed {
+                tracing::info!(client = self.role, ?state, "kafka connection state changed");
+            }
+        }
+    }
 }
 
 impl ClientContext for LogContext {
@@ -643,6 +676,21 @@ impl ClientContext for LogContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(client = self.role, %error, "kafka client error: {reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.set_connection(ConnectionState::Disconnected);
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        // librdkafka's internal and logical (coordinator) brokers are not
+        // connections.
+        let up = statistics
+            .brokers
+            .values()
+            .any(|b| b.state == "UP" && (b.source == "learned" || b.source == "configured"));
+        if up {
+            self.set_connection(ConnectionState::Connected);
+        }
     }
 }
 
@@ -686,6 +734,26 @@ struct Inner {
     producer: FutureProducer<LogContext>,
     admin: Arc<AdminClient<LogContext>>,
     stats: Arc<KafkaStats>,
+    /// Kept by the producer's context.
+    connection: Arc<watch::Sender<ConnectionState>>,
+    /// Per group, a member that never joins, for reading committed offsets
+    /// (consumer lag is read periodically: create it once).
+    offset_readers: Mutex<HashMap<String, Arc<BaseConsumer<LogContext>>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping a consumer that has a group.id closes it and polls until
+        // closed: keep that off the async worker threads.
+        let readers = std::mem::take(&mut *lock(&self.offset_readers));
+        if readers.is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(readers))),
+            Err(_) => drop(readers),
+        }
+    }
 }
 
 /// A Kafka cluster: one idempotent producer, one admin client, and one
@@ -709,20 +777,32 @@ impl KafkaBroker {
     pub fn new(config: KafkaConfig) -> Result<KafkaBroker, BrokerError> {
         config.validate()?;
         let props = config.producer_props();
+        // Connected until librdkafka says otherwise (it connects lazily).
+        let connection = Arc::new(watch::Sender::new(ConnectionState::Connected));
+        let context = LogContext { role: "producer", connection: Some(connection.clone()) };
         let producer: FutureProducer<LogContext> =
-            props.client_config().create_with_context(LogContext { role: "producer" }).map_err(|e| props.error(e))?;
+            props.client_config().create_with_context(context).map_err(|e| props.error(e))?;
         let props = config.admin_props();
         let admin: AdminClient<LogContext> =
-            props.client_config().create_with_context(LogContext { role: "admin" }).map_err(|e| props.error(e))?;
+            props.client_config().create_with_context(LogContext::new("admin")).map_err(|e| props.error(e))?;
         // librdkafka checks consumer properties (and their combinations) when
         // a consumer is created: do it now, not at the first subscribe.
         // Without a group.id it never joins, so dropping it does not block.
         let mut props = config.consumer_props("eventbus-config-check");
         props.entries.retain(|(p, _, _)| p != "group.id");
         let check: BaseConsumer<LogContext> =
-            props.client_config().create_with_context(LogContext { role: "consumer" }).map_err(|e| props.error(e))?;
+            props.client_config().create_with_context(LogContext::new("consumer")).map_err(|e| props.error(e))?;
         drop(check);
-        Ok(KafkaBroker { inner: Arc::new(Inner { config, producer, admin: Arc::new(admin), stats: Arc::default() }) })
+        Ok(KafkaBroker {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                admin: Arc::new(admin),
+                stats: Arc::default(),
+                connection,
+                offset_readers: Mutex::default(),
+            }),
+        })
     }
 
     /// Like [`KafkaBroker::new`], then reads the cluster's metadata: fails
@@ -792,9 +872,7 @@ impl KafkaBroker {
         group: &str,
         tps: &[TopicPartition],
     ) -> Result<BTreeMap<TopicPartition, Option<u64>>, BrokerError> {
-        let props = self.inner.config.consumer_props(group);
-        let consumer: BaseConsumer<LogContext> =
-            props.client_config().create_with_context(LogContext { role: "offsets" }).map_err(|e| props.error(e))?;
+        let consumer = self.offset_reader(group)?;
         let mut tpl = TopicPartitionList::with_capacity(tps.len());
         for tp in tps {
             tpl.add_partition(&tp.topic, tp.partition as i32);
@@ -816,6 +894,20 @@ impl KafkaBroker {
         })
         .await
         .map_err(|e| BrokerError::Other(e.to_string()))?
+    }
+
+    /// The cached offset-reading consumer of `group`.
+    fn offset_reader(&self, group: &str) -> Result<Arc<BaseConsumer<LogContext>>, BrokerError> {
+        let mut readers = lock(&self.inner.offset_readers);
+        if let Some(c) = readers.get(group) {
+            return Ok(c.clone());
+        }
+        let props = self.inner.config.consumer_props(group);
+        let consumer: BaseConsumer<LogContext> =
+            props.client_config().create_with_context(LogContext::new("offsets")).map_err(|e| props.error(e))?;
+        let consumer = Arc::new(consumer);
+        readers.insert(group.to_string(), consumer.clone());
+        Ok(consumer)
     }
 
     /// The high watermark (next offset to be written) of `tp`.
@@ -962,6 +1054,33 @@ impl Broker for KafkaBroker {
             validate_topic(t)?;
         }
         KafkaSession::start(self, group, topics)
+    }
+
+    fn connection_state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.connection.subscribe()
+    }
+
+    /// Every partition of `topics` (from the metadata; topics that do not
+    /// exist are left out): its high watermark and the group's committed
+    /// offset (0 when it has none), read by a consumer of the group that
+    /// never joins it.
+    async fn consumer_lag(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, BrokerError> {
+        let mut tps = Vec::new();
+        for topic in topics {
+            let n = self.partitions(topic).await?.unwrap_or(0);
+            tps.extend((0..n).map(|p| TopicPartition::new(topic.as_str(), p)));
+        }
+        if tps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let committed = self.committed_offsets(group, &tps).await?;
+        let mut lags = Vec::with_capacity(tps.len());
+        for tp in tps {
+            let end_offset = self.end_offset(&tp).await?;
+            let committed = committed.get(&tp).copied().flatten().unwrap_or(0);
+            lags.push(PartitionLag { partition: tp, end_offset, committed });
+        }
+        Ok(lags)
     }
 
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), BrokerError> {

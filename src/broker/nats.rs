@@ -63,7 +63,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Broker, BrokerError, Delivery, Headers, Outbound, Position, Session, SessionEvent, TopicPartition};
+use super::{
+    Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
+    TopicPartition,
+};
 use crate::envelope::{extract_aggregate_id, Envelope, HEADER_AGGREGATE_ID};
 
 /// Header carrying [`Outbound::key`] when it is single-line UTF-8 text.
@@ -635,6 +638,8 @@ struct Inner {
     ensured: Mutex<HashSet<String>>,
     /// Bumped on every (re)connect; sessions re-anchor on a change.
     connects: watch::Receiver<u64>,
+    /// Follows the client's Connected / Disconnected events.
+    connection: Arc<watch::Sender<ConnectionState>>,
 }
 
 /// A connection to a NATS server with JetStream. Cloning shares it.
@@ -656,6 +661,8 @@ impl NatsBroker {
         config.validate()?;
         let (connects_tx, connects) = watch::channel(0u64);
         let connects_tx = Arc::new(connects_tx);
+        // Connected once `connect` returns; the client's events move it.
+        let connection = Arc::new(watch::Sender::new(ConnectionState::Connected));
         let stats = Arc::new(NatsStats::default());
         let url = config.url.clone();
         let max_delay = config.max_reconnect_delay;
@@ -671,18 +678,24 @@ impl NatsBroker {
             .event_callback({
                 let url = url.clone();
                 let stats = stats.clone();
+                let connection = connection.clone();
                 move |event| {
                     let connects_tx = connects_tx.clone();
                     let url = url.clone();
                     let stats = stats.clone();
+                    let connection = connection.clone();
                     async move {
                         match event {
                             async_nats::Event::Connected => {
                                 bump(&stats.connects);
                                 tracing::info!(%url, "NATS connected");
                                 connects_tx.send_modify(|n| *n += 1);
+                                connection.send_replace(ConnectionState::Connected);
                             }
-                            async_nats::Event::Disconnected => tracing::warn!(%url, "NATS disconnected; reconnecting"),
+                            async_nats::Event::Disconnected => {
+                                tracing::warn!(%url, "NATS disconnected; reconnecting");
+                                connection.send_replace(ConnectionState::Disconnected);
+                            }
                             async_nats::Event::ServerError(e) => tracing::warn!(%url, error = %e, "NATS server error"),
                             async_nats::Event::ClientError(e) => tracing::warn!(%url, error = %e, "NATS client error"),
                             other => tracing::info!(%url, event = %other, "NATS connection event"),
@@ -715,7 +728,15 @@ impl NatsBroker {
             Err(e) => return Err(no_js(e.to_string())),
         }
         Ok(NatsBroker {
-            inner: Arc::new(Inner { config, stats, client, js, ensured: Mutex::new(HashSet::new()), connects }),
+            inner: Arc::new(Inner {
+                config,
+                stats,
+                client,
+                js,
+                ensured: Mutex::new(HashSet::new()),
+                connects,
+                connection,
+            }),
         })
     }
 
@@ -916,6 +937,49 @@ impl Broker for NatsBroker {
         };
         session.add_topics(topics).await?;
         Ok(session)
+    }
+
+    fn connection_state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.connection.subscribe()
+    }
+
+    /// Per topic (one stream, partition 0): the end offset is the stream's
+    /// last sequence plus one, the committed offset the group durable's ack
+    /// floor plus one (its newest generation). Without a durable yet,
+    /// everything still stored is lag (committed = the stream's first
+    /// sequence). Topics without a stream are left out.
+    async fn consumer_lag(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, BrokerError> {
+        let mut lags = Vec::with_capacity(topics.len());
+        for topic in topics {
+            let name = self.inner.config.stream_name(topic);
+            let stream = match self.inner.js.get_stream(&name).await {
+                Ok(stream) => stream,
+                Err(e) => match e.kind() {
+                    jetstream::context::GetStreamErrorKind::JetStream(api)
+                        if api.error_code().0 == STREAM_NOT_FOUND =>
+                    {
+                        continue
+                    }
+                    _ => return Err(BrokerError::Unavailable(format!("stream {name} of topic {topic}: {e}"))),
+                },
+            };
+            let state = stream.cached_info().state.clone();
+            let base = Self::durable_base(group, topic);
+            let committed = match list_generations(&stream, &name, &base).await?.last() {
+                Some(&gen) => {
+                    let durable = generation_name(&base, gen);
+                    let info = stream
+                        .consumer_info(&durable)
+                        .await
+                        .map_err(|e| consumer_info_error(&format!("durable {durable} of topic {topic}"), &e))?;
+                    resume_floor(&info) + 1
+                }
+                None => state.first_sequence.max(1),
+            };
+            let partition = TopicPartition::new(topic.as_str(), 0);
+            lags.push(PartitionLag { partition, end_offset: state.last_sequence + 1, committed });
+        }
+        Ok(lags)
     }
 
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), BrokerError> {

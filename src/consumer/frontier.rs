@@ -7,7 +7,7 @@
 //! offset still outstanding (or that finished without completing); it never
 //! passes an event that has not completed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Frontier {
@@ -18,6 +18,15 @@ pub struct Frontier {
     blocked: Option<u64>,
     /// One past the highest dispatched offset.
     next: Option<u64>,
+    /// Dispatched offsets not yet covered by a commit, as rising half-open
+    /// runs: one run while offsets are contiguous, so counting the handled
+    /// but uncommitted events costs no memory per event.
+    uncommitted: VecDeque<(u64, u64)>,
+    /// Events in `uncommitted`.
+    uncommitted_len: u64,
+    /// Events that finished without completing (never committed in this
+    /// assignment).
+    abandoned: u64,
     #[cfg(feature = "planted-bugs")]
     max_completed: Option<u64>,
 }
@@ -38,6 +47,11 @@ impl Frontier {
         debug_assert!(!self.seen(offset), "offsets are dispatched in rising order");
         self.outstanding.insert(offset);
         self.next = Some(offset + 1);
+        match self.uncommitted.back_mut() {
+            Some((_, end)) if *end == offset => *end += 1,
+            _ => self.uncommitted.push_back((offset, offset + 1)),
+        }
+        self.uncommitted_len += 1;
     }
 
     /// The event at `offset` completed (handled, or dead-lettered).
@@ -53,12 +67,39 @@ impl Frontier {
     pub fn abandoned(&mut self, offset: u64) {
         if self.outstanding.remove(&offset) {
             self.blocked = Some(self.blocked.map_or(offset, |b| b.min(offset)));
+            self.abandoned += 1;
         }
     }
 
     /// Events dispatched and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.outstanding.len()
+    }
+
+    /// Records a successful commit of `point` (a value of
+    /// [`commit_point`](Self::commit_point)): what lies below it is no longer
+    /// handled-but-uncommitted.
+    pub fn committed(&mut self, point: u64) {
+        while let Some((start, end)) = self.uncommitted.front_mut() {
+            if *end <= point {
+                self.uncommitted_len -= *end - *start;
+                self.uncommitted.pop_front();
+            } else {
+                if *start < point {
+                    self.uncommitted_len -= point - *start;
+                    *start = point;
+                }
+                break;
+            }
+        }
+    }
+
+    /// Events completed (handled or dead-lettered) whose offsets no commit
+    /// covers yet: the `eventbus_commit_lag` gauge.
+    pub fn handled_uncommitted(&self) -> u64 {
+        // Below the commit point everything completed, so what is neither
+        // outstanding nor abandoned in `uncommitted` completed above it.
+        self.uncommitted_len.saturating_sub(self.outstanding.len() as u64).saturating_sub(self.abandoned)
     }
 
     /// Whether an abandoned event holds the frontier back.
@@ -121,6 +162,30 @@ mod tests {
         assert_eq!(f.in_flight(), 0);
     }
 
+    #[test]
+    fn handled_uncommitted_counts_completions_until_their_commit() {
+        let mut f = Frontier::new();
+        // A gap (11 missing) makes a second run.
+        for o in [10, 12, 13, 14, 15] {
+            f.dispatched(o);
+        }
+        assert_eq!(f.handled_uncommitted(), 0);
+        f.completed(13);
+        f.completed(14);
+        assert_eq!(f.handled_uncommitted(), 2);
+        assert_eq!(f.commit_point(), Some(10));
+        f.completed(10);
+        assert_eq!(f.commit_point(), Some(12));
+        f.committed(12);
+        assert_eq!(f.handled_uncommitted(), 2, "13 and 14 are above the commit");
+        f.completed(12);
+        f.abandoned(15);
+        assert_eq!(f.handled_uncommitted(), 3);
+        assert_eq!(f.commit_point(), Some(15));
+        f.committed(15);
+        assert_eq!(f.handled_uncommitted(), 0, "15 was abandoned, not handled");
+    }
+
     proptest! {
         /// No skipped commit: whatever the completion order, the commit point
         /// never covers an offset that has not completed.
@@ -136,6 +201,7 @@ mod tests {
             for g in gaps { o += g; offsets.push(o); f.dispatched(o); }
             let mut pending = offsets.clone();
             let mut completed = BTreeSet::new();
+            let mut last_commit = 0;
             for (i, idx) in order.into_iter().enumerate() {
                 if pending.is_empty() { break; }
                 let off = pending.remove(idx.index(pending.len()));
@@ -144,6 +210,12 @@ mod tests {
                 for &x in offsets.iter().filter(|&&x| x < point) {
                     prop_assert!(completed.contains(&x), "commit point {} covers incomplete {}", point, x);
                 }
+                if i % 3 == 0 {
+                    f.committed(point);
+                    last_commit = point;
+                }
+                let uncommitted = completed.iter().filter(|&&x| x >= last_commit).count() as u64;
+                prop_assert_eq!(f.handled_uncommitted(), uncommitted);
             }
         }
     }

@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use crate::broker::{Broker, BrokerError, Delivery, Session, SessionEvent, TopicPartition};
 use crate::envelope::Envelope;
 use crate::pool::{HandlerResult, Outcome, Pool, Rejected, SubmitError};
+use crate::telemetry::{self, ConsumerMetrics, TopicMetrics};
 pub use frontier::Frontier;
 
 /// Handles decoded, validated envelopes of one topic, in aggregate order.
@@ -157,6 +158,15 @@ struct PartitionState {
     /// Set on revoke/lost/close: queued tasks of this assignment skip their handler.
     fence: Arc<AtomicBool>,
     last_committed: Option<u64>,
+    metrics: Arc<TopicMetrics>,
+    /// `eventbus_commit_lag` of this partition, set whenever it changes.
+    commit_lag: metrics::Gauge,
+}
+
+impl PartitionState {
+    fn publish_commit_lag(&self) {
+        self.commit_lag.set(self.frontier.handled_uncommitted() as f64);
+    }
 }
 
 enum Control {
@@ -221,6 +231,8 @@ pub async fn start<B: Broker>(
         next_epoch: 1,
         done_tx,
         stats: stats.clone(),
+        topic_metrics: BTreeMap::new(),
+        metrics: ConsumerMetrics::new(),
     };
     let join = tokio::spawn(consumer.run(session, control_rx, done_rx));
     Ok(ConsumerHandle { control: control_tx, join: Some(join), stats })
@@ -235,6 +247,9 @@ struct Consumer<B: Broker> {
     next_epoch: u64,
     done_tx: mpsc::UnboundedSender<Completion>,
     stats: Arc<ConsumerStats>,
+    /// Metric handles per topic, registered at its first assignment.
+    topic_metrics: BTreeMap<Arc<str>, Arc<TopicMetrics>>,
+    metrics: ConsumerMetrics,
 }
 
 type PendingSubmit = BoxFuture<'static, Result<(), Rejected>>;
@@ -312,16 +327,22 @@ impl<B: Broker> Consumer<B> {
 
     fn assign(&mut self, tps: Vec<TopicPartition>) {
         ConsumerStats::bump(&self.stats.rebalances);
+        self.metrics.rebalances.increment(1);
         for tp in tps {
             tracing::debug!(partition = %tp, "assigned");
             let epoch = self.next_epoch;
             self.next_epoch += 1;
+            let metrics =
+                self.topic_metrics.entry(tp.topic.clone()).or_insert_with(|| Arc::new(TopicMetrics::new(&tp.topic)));
             let state = PartitionState {
                 epoch,
                 frontier: Frontier::new(),
                 fence: Arc::new(AtomicBool::new(false)),
                 last_committed: None,
+                metrics: metrics.clone(),
+                commit_lag: telemetry::commit_lag(&tp),
             };
+            state.publish_commit_lag();
             if let Some(old) = self.partitions.insert(tp, state) {
                 old.fence.store(true, Ordering::Release);
             }
@@ -337,6 +358,7 @@ impl<B: Broker> Consumer<B> {
         tps: Vec<TopicPartition>,
     ) {
         ConsumerStats::bump(&self.stats.rebalances);
+        self.metrics.rebalances.increment(1);
         for tp in &tps {
             if let Some(p) = self.partitions.get(tp) {
                 p.fence.store(true, Ordering::Release);
@@ -354,7 +376,10 @@ impl<B: Broker> Consumer<B> {
         }
         let _ = self.commit(session, Some(&tps)).await;
         for tp in &tps {
-            self.partitions.remove(tp);
+            if let Some(p) = self.partitions.remove(tp) {
+                // No longer ours: the next owner redoes what was not committed.
+                p.commit_lag.set(0.0);
+            }
         }
         if let Err(e) = session.release(&tps).await {
             tracing::warn!(error = %e, "releasing revoked partitions failed");
@@ -363,10 +388,12 @@ impl<B: Broker> Consumer<B> {
 
     fn lose(&mut self, tps: Vec<TopicPartition>) {
         ConsumerStats::bump(&self.stats.rebalances);
+        self.metrics.rebalances.increment(1);
         for tp in tps {
             tracing::warn!(partition = %tp, "partition lost; its uncommitted work will be redelivered elsewhere");
             if let Some(p) = self.partitions.remove(&tp) {
                 p.fence.store(true, Ordering::Release);
+                p.commit_lag.set(0.0);
             }
         }
     }
@@ -381,6 +408,7 @@ impl<B: Broker> Consumer<B> {
         };
         if state.frontier.seen(delivery.offset) {
             ConsumerStats::bump(&self.stats.redelivered_skipped);
+            state.metrics.duplicates.increment(1);
             return None;
         }
         let Some(handler) = self.handlers.get(&*delivery.topic).cloned() else {
@@ -407,6 +435,7 @@ impl<B: Broker> Consumer<B> {
             config: self.config.clone(),
             stats: self.stats.clone(),
             fence: state.fence.clone(),
+            metrics: state.metrics.clone(),
         };
         let task = task::build(ctx, handler, delivery, reply);
         match self.pool.try_submit(task) {
@@ -429,7 +458,10 @@ impl<B: Broker> Consumer<B> {
             return;
         };
         match c.outcome {
-            Outcome::Done(Ok(())) => state.frontier.completed(c.offset),
+            Outcome::Done(Ok(())) => {
+                state.frontier.completed(c.offset);
+                state.publish_commit_lag();
+            }
             Outcome::Done(Err(e)) => {
                 tracing::debug!(partition = %c.tp, offset = c.offset, error = %e, "event not completed; frontier held");
                 state.frontier.abandoned(c.offset);
@@ -460,12 +492,15 @@ impl<B: Broker> Consumer<B> {
                 for (tp, point) in offsets {
                     if let Some(state) = self.partitions.get_mut(&tp) {
                         state.last_committed = Some(point);
+                        state.frontier.committed(point);
+                        state.publish_commit_lag();
                     }
                 }
                 Ok(())
             }
             Err(e) => {
                 ConsumerStats::bump(&self.stats.commit_errors);
+                self.metrics.commit_errors.increment(1);
                 tracing::warn!(error = %e, "commit failed; will retry");
                 Err(e)
             }

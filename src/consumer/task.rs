@@ -4,13 +4,17 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::FutureExt;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::{ConsumerConfig, ConsumerStats, Handler};
 use crate::broker::{Broker, Delivery, Outbound};
-use crate::envelope::{aggregate_id_from, Envelope};
+use crate::envelope::{aggregate_id_from, Envelope, HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_TRACE_ID};
 use crate::pool::{panic_message, HandlerError, HandlerPanicked, HandlerResult, Key, Outcome, Task};
+use crate::telemetry::TopicMetrics;
 
 /// Dead-letter headers: why, after how many attempts, and where it came from.
 pub const DLQ_ERROR: &str = "x-dlq-error";
@@ -39,6 +43,7 @@ pub(super) struct TaskContext<B> {
     pub config: Arc<ConsumerConfig>,
     pub stats: Arc<ConsumerStats>,
     pub fence: Arc<AtomicBool>,
+    pub metrics: Arc<TopicMetrics>,
 }
 
 impl<B> TaskContext<B> {
@@ -57,6 +62,7 @@ pub(super) fn build<B: Broker>(
 ) -> Task {
     match handler {
         Handler::Raw(h) => {
+            let span = handle_span(&delivery, None, None);
             let work = async move {
                 let run = {
                     let delivery = delivery.clone();
@@ -64,12 +70,13 @@ pub(super) fn build<B: Broker>(
                 };
                 handle_with_retries(&ctx, &delivery, run).await
             };
-            Task::new(None, work, reply)
+            Task::new(None, work.instrument(span), reply)
         }
         Handler::Envelope(h) => {
             let decoded = Envelope::decode(&delivery.payload);
             let key = aggregate_id_from(decoded.as_ref().ok(), &delivery.headers, delivery.key.as_deref(), None)
                 .map(|id| Key::from(id.id));
+            let span = handle_span(&delivery, decoded.as_ref().ok(), key.as_deref());
             let work = async move {
                 match decoded {
                     Ok(envelope) => handle_with_retries(&ctx, &delivery, move || h(envelope.clone())).await,
@@ -81,9 +88,62 @@ pub(super) fn build<B: Broker>(
                     }
                 }
             };
-            Task::new(key, work, reply)
+            Task::new(key, work.instrument(span), reply)
         }
     }
+}
+
+/// The `handle` span of one event: where it came from and what it is, with
+/// the trace and correlation IDs of its envelope (or headers), so every log
+/// line of the handler and the consumer carries them. `attempt` is the
+/// number of handler attempts made, recorded once they end; each attempt
+/// runs in a child `attempt` span of its own (recording the field on every
+/// retry would repeat it in formatted logs).
+fn handle_span(delivery: &Delivery, envelope: Option<&Envelope>, key: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "handle",
+        topic = &*delivery.topic,
+        partition = delivery.partition,
+        offset = delivery.offset,
+        delivery_attempt = delivery.attempt,
+        attempt = Empty,
+        aggregate_id = Empty,
+        event_type = Empty,
+        trace_id = Empty,
+        correlation_id = Empty,
+    );
+    if span.is_disabled() {
+        return span;
+    }
+    match key {
+        Some(id) => span.record("aggregate_id", id),
+        // Raw topics are not keyed; name the aggregate if headers or key do.
+        None => {
+            let id = aggregate_id_from(None, &delivery.headers, delivery.key.as_deref(), None);
+            span.record("aggregate_id", id.as_ref().map(|id| id.id.as_str()))
+        }
+    };
+    match envelope {
+        Some(e) => {
+            span.record("event_type", e.event_type.as_str());
+            span.record("trace_id", e.trace_id.as_deref().filter(|s| !s.is_empty()));
+            span.record("correlation_id", e.correlation_id.as_deref().filter(|s| !s.is_empty()));
+        }
+        None => {
+            let header = |name: &str| {
+                delivery
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                    .filter(|s| !s.is_empty())
+            };
+            span.record("event_type", header(HEADER_EVENT_TYPE));
+            span.record("trace_id", header(HEADER_TRACE_ID));
+            span.record("correlation_id", header(HEADER_CORRELATION_ID));
+        }
+    }
+    span
 }
 
 async fn handle_with_retries<B, F, Fut>(ctx: &TaskContext<B>, delivery: &Delivery, run: F) -> HandlerResult
@@ -95,30 +155,42 @@ where
     let retry = &ctx.config.retry;
     let attempts = retry.max_attempts.max(1);
     let mut last_error = String::new();
+    let started = Instant::now();
     for attempt in 1..=attempts {
         // Revoked while queued or between attempts: the next owner redoes it.
         if ctx.fenced() {
+            if attempt > 1 {
+                tracing::Span::current().record("attempt", attempt - 1);
+            }
             return Err(Box::new(Fenced));
         }
-        let result = match AssertUnwindSafe(run()).catch_unwind().await {
+        let run = AssertUnwindSafe(run()).catch_unwind().instrument(tracing::info_span!("attempt", attempt));
+        let result = match run.await {
             Ok(r) => r,
             Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic))) as HandlerError),
         };
         match result {
             Ok(()) => {
                 ConsumerStats::bump(&ctx.stats.handled);
+                ctx.metrics.handled.increment(1);
+                ctx.metrics.observe_handling(started.elapsed());
+                tracing::Span::current().record("attempt", attempt);
                 return Ok(());
             }
             Err(e) => {
+                ctx.metrics.failed.increment(1);
                 last_error = e.to_string();
                 tracing::debug!(topic = %delivery.topic, offset = delivery.offset, attempt, error = %last_error, "handler failed");
                 if attempt < attempts {
                     ConsumerStats::bump(&ctx.stats.retried);
+                    ctx.metrics.retried.increment(1);
                     tokio::time::sleep(retry.backoff(attempt)).await;
                 }
             }
         }
     }
+    ctx.metrics.observe_handling(started.elapsed());
+    tracing::Span::current().record("attempt", attempts);
     dead_letter(ctx, delivery, "handler", &last_error, attempts).await
 }
 
@@ -152,6 +224,7 @@ async fn dead_letter<B: Broker>(
         match ctx.broker.publish(msg.clone()).await {
             Ok(_) => {
                 ConsumerStats::bump(&ctx.stats.dead_lettered);
+                ctx.metrics.dead_lettered(reason).increment(1);
                 tracing::warn!(topic = %delivery.topic, offset = delivery.offset, reason, error, "event dead-lettered");
                 return Ok(());
             }
