@@ -310,10 +310,23 @@ impl<B: Broker> EventBus<B> {
         headers: Headers,
         payload: Vec<u8>,
     ) -> Result<Position, PublishError> {
+        let result = self.publish_once(topic, key, headers, payload).await;
+        if result.is_ok() {
+            self.obs.published();
+        }
+        result
+    }
+
+    async fn publish_once(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        headers: Headers,
+        payload: Vec<u8>,
+    ) -> Result<Position, PublishError> {
         let msg = Outbound { topic: topic.to_string(), key: key.map(<[u8]>::to_vec), headers, payload };
         let span = tracing::debug_span!("publish", topic, partition = tracing::field::Empty, offset = tracing::field::Empty);
         let position = self.broker.publish(msg).await?;
-        self.obs.published();
         span.record("partition", position.partition);
         span.record("offset", position.offset);
         Ok(position)
@@ -323,6 +336,9 @@ impl<B: Broker> EventBus<B> {
     /// also in headers; the `on_publish_result` callback sees the outcome.
     pub async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<Position, PublishError> {
         let result = self.publish_envelope_once(topic, envelope).await;
+        if result.is_ok() {
+            self.obs.published();
+        }
         self.report_publish(topic, envelope, &result);
         result
     }
