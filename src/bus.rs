@@ -204,6 +204,9 @@ impl<B: Broker> EventBusBuilder<B> {
         let pool = Pool::new(self.config.pool.clone());
         let broker = Arc::new(self.broker);
         let obs = Arc::new(Observed::new(&self.observability));
+        // Known from the start, so `health()` right after `build` is accurate.
+        let initial = *broker.connection_state().borrow();
+        obs.lock().connection = Some(initial);
         let callbacks = Arc::new(self.callbacks);
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -214,6 +217,7 @@ impl<B: Broker> EventBusBuilder<B> {
             callbacks: callbacks.clone(),
             config: self.observability.clone(),
             group: self.config.consumer.group.clone(),
+            initial,
         };
         tasks.push(tokio::spawn(observer.run(stop.subscribe())));
         let health = &self.observability.health;

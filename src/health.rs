@@ -137,7 +137,7 @@ pub struct PoolStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthReport {
     pub(crate) ready: bool,
-    /// `None` until the observer read it (right after `build`).
+    /// The broker connection as last seen (read at `build`, then watched).
     pub connection: Option<ConnectionState>,
     pub closed: bool,
     /// Disconnected → connected transitions seen.
@@ -163,8 +163,7 @@ pub struct HealthReport {
 }
 
 impl HealthReport {
-    /// For a readiness probe: the bus is open and its broker reachable
-    /// (not yet known counts as reachable: the broker accepted the build).
+    /// For a readiness probe: the bus is open and its broker reachable.
     /// Backlog and health alerts are not part of it: taking a lagging or
     /// unmonitored instance out of rotation does not help it catch up.
     pub fn ready(&self) -> bool {

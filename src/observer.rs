@@ -252,6 +252,9 @@ pub(crate) struct Observer<B> {
     pub callbacks: Arc<Callbacks>,
     pub config: ObservabilityConfig,
     pub group: String,
+    /// The connection state `build` saw: a change before this task first
+    /// runs is still a transition.
+    pub initial: ConnectionState,
 }
 
 impl<B: Broker> Observer<B> {
@@ -262,9 +265,10 @@ impl<B: Broker> Observer<B> {
             metrics::gauge!(telemetry::BACKLOG, "source" => d.source().as_str()).set(0.0);
         }
         let mut connection = self.broker.connection_state();
-        let initial = *connection.borrow_and_update();
-        let mut link = Link { state: initial, down_since: None };
-        self.record_connection(initial);
+        let mut link = Link { state: self.initial, down_since: None };
+        self.record_connection(self.initial);
+        let current = *connection.borrow_and_update();
+        self.on_connection(&mut link, current);
         let mut watching = true;
         let mut lag_error_logged = false;
         let mut ticker = tokio::time::interval(self.config.observe_interval);

@@ -278,8 +278,8 @@ fn connection_loss_and_return_call_back_count_and_gate_readiness() {
             })
             .build()
             .unwrap();
-        tokio::task::yield_now().await; // the observer reads the initial state
         assert_eq!(bus.health().connection, Some(ConnectionState::Connected));
+        tokio::task::yield_now().await; // the observer's first run records the gauge
         assert_eq!(Snap::take(&metrics).get(t::CONNECTED, &[]), Some(1.0));
 
         broker.set_connection_state(ConnectionState::Disconnected);
@@ -314,7 +314,6 @@ fn a_panicking_callback_does_not_stop_the_observer() {
             })
             .build()
             .unwrap();
-        tokio::task::yield_now().await;
         broker.set_connection_state(ConnectionState::Disconnected);
         assert_eq!(next(&mut rx, "disconnect").await, ConnectionEvent::Disconnected);
         tokio::time::sleep(Duration::from_secs(1)).await;
