@@ -230,8 +230,8 @@ impl<B: Broker> EventBusBuilder<B> {
                 last_published: None,
                 last_error: None,
             });
-            let task = health::run_publisher(broker.clone(), obs.clone(), health.clone(), instance_id, stop.subscribe());
-            tasks.push(tokio::spawn(task));
+            let (broker, obs, config) = (broker.clone(), obs.clone(), health.clone());
+            tasks.push(tokio::spawn(health::run_publisher(broker, obs, config, instance_id, stop.subscribe())));
         }
         let mut handlers = BTreeMap::new();
         if health.monitor {
@@ -448,8 +448,9 @@ impl<B: Broker> EventBus<B> {
                 last_instance: None,
                 received: 0,
             });
-            let monitor = health::run_monitor(self.obs.clone(), self.callbacks.clone(), health.window, self.stop.subscribe());
-            self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(tokio::spawn(monitor));
+            let (obs, callbacks) = (self.obs.clone(), self.callbacks.clone());
+            let monitor = tokio::spawn(health::run_monitor(obs, callbacks, health.window, self.stop.subscribe()));
+            self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(monitor);
         }
         Ok(())
     }
@@ -483,12 +484,13 @@ impl<B: Broker> EventBus<B> {
         let state = std::mem::replace(&mut *self.consumer.lock().await, ConsumerState::Closed);
         // After the consumer state is Closed, `start` spawns no monitor; after
         // the flag, `publish_envelope_async` spawns nothing.
-        let publishes = {
+        let mut publishes = {
             let mut publishes = self.async_publishes.lock().unwrap_or_else(|p| p.into_inner());
             self.obs.set_closed();
             std::mem::take(&mut *publishes)
         };
-        publishes.join_all().await;
+        // A panicked background publish is not close's failure: go on.
+        while publishes.join_next().await.is_some() {}
         self.stop.send_replace(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
