@@ -293,6 +293,10 @@ impl<B: Broker> EventBus<B> {
         &self.config
     }
 
+    pub fn observability(&self) -> &ObservabilityConfig {
+        &self.observability
+    }
+
     /// Queued / in-flight counts of the global pool.
     pub fn pool_stats(&self) -> Stats {
         self.pool.stats()
