@@ -304,3 +304,33 @@ pub(crate) async fn run_monitor(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_envelope_carries_instance_and_sequence() {
+        let env = health_envelope("api-1", 7).unwrap();
+        let decoded = Envelope::decode(&env.encode().unwrap()).unwrap();
+        assert_eq!((decoded.aggregate_id.as_str(), decoded.event_type.as_str()), ("api-1", HEALTH_EVENT_TYPE));
+        let payload: serde_json::Value = serde_json::from_str(decoded.payload.get()).unwrap();
+        assert_eq!(payload, serde_json::json!({ "instance_id": "api-1", "sequence": 7 }));
+    }
+
+    #[test]
+    fn default_instance_id_is_a_valid_aggregate_id() {
+        let id = HealthConfig::default().instance_id();
+        assert!(id.ends_with(&format!("-{}", std::process::id())), "{id}");
+        crate::envelope::validate_aggregate_id(&id).unwrap();
+        let set = HealthConfig { instance_id: Some("svc-a".into()), ..HealthConfig::default() };
+        assert_eq!(set.instance_id(), "svc-a");
+    }
+
+    #[test]
+    fn ready_means_open_and_not_known_disconnected() {
+        assert!(HealthReport::ready_from(false, Some(ConnectionState::Connected)));
+        assert!(!HealthReport::ready_from(false, Some(ConnectionState::Disconnected)));
+        assert!(!HealthReport::ready_from(true, Some(ConnectionState::Connected)));
+    }
+}
