@@ -555,3 +555,17 @@ fn close_leaves_no_observer_or_health_task_alive() {
         assert_eq!(common::alive_tasks_after_release().await, 0);
     });
 }
+
+#[test]
+fn dropping_the_bus_without_close_stops_its_tasks() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut observability = health_config(true, false, "dropped");
+        observability.observe_interval = Duration::from_millis(5);
+        let bus = EventBus::builder(MemoryBroker::default()).config(fast_config("dropped")).observability(observability);
+        let bus = bus.build().unwrap();
+        bus.publish_envelope("orders", &event("a", 1)).await.unwrap();
+        drop(bus); // the observer and the health publisher see their stop channel close
+        assert_eq!(common::alive_tasks_after_release().await, 0);
+    });
+}
