@@ -7,11 +7,16 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
+use tokio::task::{JoinHandle, JoinSet};
 
+use crate::backlog::BacklogEvent;
 use crate::broker::{Broker, BrokerError, Delivery, Headers, Outbound, Position};
+use crate::callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
 use crate::consumer::{self, ConsumerConfig, ConsumerError, ConsumerHandle, ConsumerStats, Handler};
 use crate::envelope::{Envelope, EnvelopeError};
+use crate::health::{self, HealthReport, MonitorStatus, PoolStatus, PublisherStatus};
+use crate::observer::{ObservabilityConfig, Observed, Observer};
 use crate::pool::{HandlerResult, Pool, PoolConfig, Stats};
 
 /// Everything a bus is configured with; deserializable from TOML, YAML or
@@ -139,6 +144,8 @@ enum ConsumerState {
 pub struct EventBusBuilder<B> {
     broker: B,
     config: BusConfig,
+    observability: ObservabilityConfig,
+    callbacks: Callbacks,
 }
 
 impl<B: Broker> EventBusBuilder<B> {
@@ -152,15 +159,102 @@ impl<B: Broker> EventBusBuilder<B> {
         self
     }
 
-    /// Starts the pool (needs a tokio runtime).
+    /// Observer interval, backlog thresholds and the health check (`docs/health.md`).
+    pub fn observability(mut self, config: ObservabilityConfig) -> Self {
+        self.observability = config;
+        self
+    }
+
+    /// Replaces every callback at once.
+    pub fn callbacks(mut self, callbacks: Callbacks) -> Self {
+        self.callbacks = callbacks;
+        self
+    }
+
+    /// Called when a backlog starts or recovers (`observability.backlog`).
+    /// Callbacks run on the bus's tasks: keep them fast and non-blocking.
+    pub fn on_backlog(mut self, f: impl Fn(&BacklogEvent) + Send + Sync + 'static) -> Self {
+        self.callbacks.on_backlog(f);
+        self
+    }
+
+    /// Called when the broker connection drops and when it comes back.
+    pub fn on_connection(mut self, f: impl Fn(&ConnectionEvent) + Send + Sync + 'static) -> Self {
+        self.callbacks.on_connection(f);
+        self
+    }
+
+    /// Called when health messages stop arriving within the window, and when they resume.
+    pub fn on_health_alert(mut self, f: impl Fn(&HealthAlert) + Send + Sync + 'static) -> Self {
+        self.callbacks.on_health_alert(f);
+        self
+    }
+
+    /// Called after every `publish_envelope` (and `publish_envelope_async`),
+    /// on the publishing task, with the outcome.
+    pub fn on_publish_result(mut self, f: impl for<'a> Fn(&PublishResult<'a>) + Send + Sync + 'static) -> Self {
+        self.callbacks.on_publish_result(f);
+        self
+    }
+
+    /// Starts the pool, the observer and the health publisher (needs a tokio runtime).
     pub fn build(self) -> Result<EventBus<B>, ConfigError> {
         self.config.validate()?;
+        self.observability.validate()?;
         let pool = Pool::new(self.config.pool.clone());
+        let broker = Arc::new(self.broker);
+        let obs = Arc::new(Observed::new(&self.observability));
+        // Known from the start, so `health()` right after `build` is accurate.
+        let initial = *broker.connection_state().borrow();
+        obs.lock().connection = Some(initial);
+        let callbacks = Arc::new(self.callbacks);
+        let (stop, _) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let observer = Observer {
+            broker: broker.clone(),
+            pool: pool.clone(),
+            obs: obs.clone(),
+            callbacks: callbacks.clone(),
+            config: self.observability.clone(),
+            group: self.config.consumer.group.clone(),
+            initial,
+        };
+        tasks.push(tokio::spawn(observer.run(stop.subscribe())));
+        let health = &self.observability.health;
+        if health.publish {
+            let instance_id = health.instance_id();
+            obs.lock().publisher = Some(PublisherStatus {
+                topic: health.topic.clone(),
+                instance_id: instance_id.clone(),
+                published: 0,
+                last_published: None,
+                last_error: None,
+            });
+            let (broker, obs, config) = (broker.clone(), obs.clone(), health.clone());
+            tasks.push(tokio::spawn(health::run_publisher(broker, obs, config, instance_id, stop.subscribe())));
+        }
+        let mut handlers = BTreeMap::new();
+        if health.monitor {
+            // The monitor reads the health topic through the bus's own consumer.
+            let seen = obs.clone();
+            let handler: Handler = Handler::Envelope(Arc::new(move |e: Envelope| {
+                seen.health_received(&e.aggregate_id);
+                futures::future::ready(Ok(())).boxed()
+            }));
+            handlers.insert(health.topic.clone(), handler);
+            obs.add_topic(&health.topic);
+        }
         Ok(EventBus {
-            broker: Arc::new(self.broker),
+            broker,
             pool,
             config: self.config,
-            consumer: Mutex::new(ConsumerState::Registered(BTreeMap::new())),
+            observability: self.observability,
+            consumer: Mutex::new(ConsumerState::Registered(handlers)),
+            obs,
+            callbacks,
+            stop,
+            tasks: std::sync::Mutex::new(tasks),
+            async_publishes: std::sync::Mutex::new(JoinSet::new()),
         })
     }
 }
@@ -171,12 +265,24 @@ pub struct EventBus<B: Broker> {
     broker: Arc<B>,
     pool: Pool,
     config: BusConfig,
+    observability: ObservabilityConfig,
     consumer: Mutex<ConsumerState>,
+    obs: Arc<Observed>,
+    callbacks: Arc<Callbacks>,
+    /// Tells the observer and health tasks to stop; dropping it does too.
+    stop: watch::Sender<bool>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    async_publishes: std::sync::Mutex<JoinSet<()>>,
 }
 
 impl<B: Broker> EventBus<B> {
     pub fn builder(broker: B) -> EventBusBuilder<B> {
-        EventBusBuilder { broker, config: BusConfig::default() }
+        EventBusBuilder {
+            broker,
+            config: BusConfig::default(),
+            observability: ObservabilityConfig::default(),
+            callbacks: Callbacks::default(),
+        }
     }
 
     pub fn broker(&self) -> &B {
@@ -185,6 +291,10 @@ impl<B: Broker> EventBus<B> {
 
     pub fn config(&self) -> &BusConfig {
         &self.config
+    }
+
+    pub fn observability(&self) -> &ObservabilityConfig {
+        &self.observability
     }
 
     /// Queued / in-flight counts of the global pool.
@@ -208,13 +318,67 @@ impl<B: Broker> EventBus<B> {
         headers: Headers,
         payload: Vec<u8>,
     ) -> Result<Position, PublishError> {
+        let result = self.publish_once(topic, key, headers, payload).await;
+        if result.is_ok() {
+            self.obs.published();
+        }
+        result
+    }
+
+    async fn publish_once(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        headers: Headers,
+        payload: Vec<u8>,
+    ) -> Result<Position, PublishError> {
         let msg = Outbound { topic: topic.to_string(), key: key.map(<[u8]>::to_vec), headers, payload };
         Ok(crate::telemetry::publish(&*self.broker, msg, None).await?)
     }
 
     /// Publishes an envelope, keyed by its aggregate ID, with its metadata
-    /// also in headers.
+    /// also in headers; the `on_publish_result` callback sees the outcome.
     pub async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<Position, PublishError> {
+        let result = self.publish_envelope_once(topic, envelope).await;
+        if result.is_ok() {
+            self.obs.published();
+        }
+        self.report_publish(topic, envelope, &result);
+        result
+    }
+
+    fn report_publish(&self, topic: &str, envelope: &Envelope, result: &Result<Position, PublishError>) {
+        if self.callbacks.wants_publish_results() {
+            self.callbacks.publish_result(&PublishResult {
+                topic,
+                aggregate_id: &envelope.aggregate_id,
+                event_type: &envelope.event_type,
+                event_version: envelope.event_version,
+                result: result.as_ref().copied(),
+            });
+        }
+    }
+
+    /// Publishes in the background and returns at once; the outcome goes
+    /// only to the `on_publish_result` callback. `close` waits for these
+    /// publishes; after `close`, the callback gets `PublishError::Closed`.
+    pub fn publish_envelope_async(self: &Arc<Self>, topic: impl Into<String>, envelope: Envelope) {
+        let topic = topic.into();
+        let mut publishes = self.async_publishes.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock `close` takes to collect them: none slips past it.
+        if self.obs.is_closed() {
+            drop(publishes);
+            self.report_publish(&topic, &envelope, &Err(PublishError::Closed));
+            return;
+        }
+        while publishes.try_join_next().is_some() {}
+        let bus = self.clone();
+        publishes.spawn(async move {
+            let _ = bus.publish_envelope(&topic, &envelope).await;
+        });
+    }
+
+    async fn publish_envelope_once(&self, topic: &str, envelope: &Envelope) -> Result<Position, PublishError> {
         let payload = envelope.encode().inspect_err(|_| crate::telemetry::publish_failed(topic, "envelope"))?;
         let key = Some(envelope.aggregate_id.as_bytes().to_vec());
         let msg = Outbound { topic: topic.to_string(), key, headers: envelope.to_headers(), payload };
@@ -228,7 +392,8 @@ impl<B: Broker> EventBus<B> {
         F: Fn(Envelope) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
-        let handler = Handler::Envelope(Arc::new(move |e| handler(e).boxed()));
+        let obs = self.obs.clone();
+        let handler = Handler::Envelope(Arc::new(move |e| stamp_consumed(obs.clone(), handler(e)).boxed()));
         self.register(topic, handler).await
     }
 
@@ -238,7 +403,8 @@ impl<B: Broker> EventBus<B> {
         F: Fn(Delivery) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
-        let handler = Handler::Raw(Arc::new(move |d| handler(d).boxed()));
+        let obs = self.obs.clone();
+        let handler = Handler::Raw(Arc::new(move |d| stamp_consumed(obs.clone(), handler(d)).boxed()));
         self.register(topic, handler).await
     }
 
@@ -246,13 +412,19 @@ impl<B: Broker> EventBus<B> {
         let mut state = self.consumer.lock().await;
         match &mut *state {
             ConsumerState::Registered(handlers) => {
-                if handlers.insert(topic.to_string(), handler).is_some() {
+                if handlers.contains_key(topic) {
                     return Err(SubscribeError::Duplicate(topic.to_string()));
                 }
+                handlers.insert(topic.to_string(), handler);
+                self.obs.add_topic(topic);
                 Ok(())
             }
             // Subscribing after start: one rebalance for the new topic.
-            ConsumerState::Running(consumer) => Ok(consumer.add_topic(topic.to_string(), handler).await?),
+            ConsumerState::Running(consumer) => {
+                consumer.add_topic(topic.to_string(), handler).await?;
+                self.obs.add_topic(topic);
+                Ok(())
+            }
             ConsumerState::Closed => Err(SubscribeError::Closed),
         }
     }
@@ -269,7 +441,42 @@ impl<B: Broker> EventBus<B> {
         let handle =
             consumer::start(self.broker.clone(), self.pool.clone(), self.config.consumer.clone(), handlers).await?;
         *state = ConsumerState::Running(handle);
+        let health = &self.observability.health;
+        if health.monitor {
+            self.obs.lock().monitor = Some(MonitorStatus {
+                healthy: true,
+                window: health.window,
+                last_seen: None,
+                last_instance: None,
+                received: 0,
+            });
+            let (obs, callbacks) = (self.obs.clone(), self.callbacks.clone());
+            let monitor = tokio::spawn(health::run_monitor(obs, callbacks, health.window, self.stop.subscribe()));
+            self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(monitor);
+        }
         Ok(())
+    }
+
+    /// Connection, last publish and consume, backlog and health-check state,
+    /// for a readiness probe ([`HealthReport::ready`]) or a status endpoint.
+    pub fn health(&self) -> HealthReport {
+        let stats = self.pool.stats();
+        let closed = self.obs.is_closed();
+        let st = self.obs.lock();
+        HealthReport {
+            ready: HealthReport::ready_from(closed, st.connection),
+            connection: st.connection,
+            closed,
+            reconnects: self.obs.reconnects(),
+            last_publish: self.obs.last_publish(),
+            last_consume: self.obs.last_consume(),
+            pool: PoolStatus { queued: stats.queued, in_flight: stats.in_flight, capacity: stats.capacity },
+            consumer_lag: st.consumer_lag,
+            consumer_lag_error: st.consumer_lag_error.clone(),
+            backlog: st.backlog.values().cloned().collect(),
+            health_monitor: st.monitor.clone(),
+            health_publisher: st.publisher.clone(),
+        }
     }
 
     /// Stops intake, drains the pool (or hands events back after
@@ -277,6 +484,20 @@ impl<B: Broker> EventBus<B> {
     /// When it returns, no task of the bus is alive.
     pub async fn close(&self) -> CloseReport {
         let state = std::mem::replace(&mut *self.consumer.lock().await, ConsumerState::Closed);
+        // After the consumer state is Closed, `start` spawns no monitor; after
+        // the flag, `publish_envelope_async` spawns nothing.
+        let mut publishes = {
+            let mut publishes = self.async_publishes.lock().unwrap_or_else(|p| p.into_inner());
+            self.obs.set_closed();
+            std::mem::take(&mut *publishes)
+        };
+        // A panicked background publish is not close's failure: go on.
+        while publishes.join_next().await.is_some() {}
+        self.stop.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
         let deadline = self.config.close_timeout;
         match state {
             ConsumerState::Running(handle) => match handle.shutdown(deadline).await {
@@ -289,4 +510,13 @@ impl<B: Broker> EventBus<B> {
             }
         }
     }
+}
+
+/// Runs a handler's future and records a success as the last consume.
+async fn stamp_consumed(obs: Arc<Observed>, work: impl Future<Output = HandlerResult>) -> HandlerResult {
+    let result = work.await;
+    if result.is_ok() {
+        obs.consumed();
+    }
+    result
 }

@@ -8,6 +8,10 @@ pub mod envelope;
 pub mod config;
 pub mod broker;
 pub mod consumer;
+pub mod backlog;
+pub mod callbacks;
+pub mod health;
+pub mod observer;
 pub mod bus;
 pub mod checker;
 pub mod telemetry;
@@ -19,5 +23,8 @@ pub use broker::{
     Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
     TopicPartition,
 };
+pub use backlog::{BacklogEvent, BacklogSource};
 pub use bus::{BusConfig, EventBus};
+pub use callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
+pub use health::HealthReport;
 pub use envelope::Envelope;
