@@ -1,13 +1,16 @@
 //! The `eventbus` command line: `eventbus demo` runs the seed's comparison
 //! scenario (5 topics × 3 partitions, ordered aggregates, rising pressure) on
-//! the in-memory broker and checks the bus's contract at every level.
+//! the in-memory broker and checks the bus's contract at every level;
+//! `eventbus bench` measures the same scenario on memory, Kafka and NATS.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
+mod workload;
 
 #[derive(Debug, Parser)]
 #[command(name = "eventbus", version, about = "A verified keyed event bus")]
@@ -20,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the seed's comparison scenario on the in-memory broker.
     Demo(DemoArgs),
+    /// Measure the seed's scenario on memory, Kafka and NATS, against the plain clients.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,21 +60,24 @@ pub struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Demo(args) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.enable_all();
-            if let Some(w) = args.workers {
-                builder.worker_threads(w.max(1));
-            }
-            let runtime = match builder.build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot build the tokio runtime: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            runtime.block_on(demo::run(args))
+    let workers = match &cli.command {
+        Command::Demo(args) => args.workers,
+        Command::Bench(args) => args.workers,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(w) = workers {
+        builder.worker_threads(w.max(1));
+    }
+    let runtime = match builder.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot build the tokio runtime: {e}");
+            return ExitCode::from(2);
         }
+    };
+    match cli.command {
+        Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
     }
 }
