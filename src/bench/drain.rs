@@ -128,10 +128,29 @@ pub async fn sequential<B: Broker>(
     let tally = Tally::new(bar);
     let mut lanes: HashMap<TopicPartition, mpsc::UnboundedSender<Delivery>> = HashMap::new();
     let mut workers = Vec::new();
+    // Lanes report what they finished; the loop commits it, like the seed's
+    // MarkMessage plus the client's periodic commit. Without commits a broker
+    // that bounds unacknowledged messages (JetStream's max_ack_pending) stops
+    // delivering.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(TopicPartition, u64)>();
     let mut done = tally.count.subscribe();
     let outcome = loop {
         let event = tokio::select! {
             e = session.next() => e,
+            Some(first) = done_rx.recv() => {
+                let mut next: HashMap<TopicPartition, u64> = HashMap::new();
+                let mut finished = Some(first);
+                while let Some((tp, offset)) = finished {
+                    let n = next.entry(tp).or_default();
+                    *n = (*n).max(offset + 1);
+                    finished = done_rx.try_recv().ok();
+                }
+                let offsets: Vec<(TopicPartition, u64)> = next.into_iter().collect();
+                if let Err(e) = session.commit(&offsets).await {
+                    tracing::debug!(error = %e, "sequential consumer: commit failed");
+                }
+                continue;
+            }
             _ = done.wait_for(|&n| n >= expected) => break Ok(()),
             _ = tokio::time::sleep_until(deadline) => break Err(shortfall("sequential consumer", &tally, expected)),
         };
@@ -139,13 +158,14 @@ pub async fn sequential<B: Broker>(
             Ok(SessionEvent::Message(d)) => {
                 let lane = lanes.entry(d.topic_partition()).or_insert_with(|| {
                     let (tx, mut rx) = mpsc::unbounded_channel::<Delivery>();
-                    let tally = tally.clone();
+                    let (tally, done_tx) = (tally.clone(), done_tx.clone());
                     workers.push(tokio::spawn(async move {
-                        while let Some(_d) = rx.recv().await {
+                        while let Some(d) = rx.recv().await {
                             if !handler.is_zero() {
                                 tokio::time::sleep(handler).await;
                             }
                             tally.hit();
+                            let _ = done_tx.send((d.topic_partition(), d.offset));
                         }
                     }));
                     tx

@@ -62,6 +62,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     pub publish_concurrency: usize,
 
+    /// The bus's commit interval in ms (library default: 1000). On NATS it also
+    /// bounds throughput: a stream delivers at most --read-ahead messages per commit.
+    #[arg(long, default_value_t = 100)]
+    pub commit_interval_ms: u64,
+
+    /// Messages read ahead of the bus per session: Kafka's max_buffered, NATS's
+    /// max_ack_pending per stream (library default: 1000 each).
+    #[arg(long, default_value_t = 10_000)]
+    pub read_ahead: usize,
+
     /// Skip the read-back against the plain rdkafka / async-nats consumers.
     #[arg(long)]
     pub no_raw: bool,
@@ -149,6 +159,7 @@ async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::Pool
                 linger: Duration::from_millis(1),
                 request_timeout: timeout,
                 replication_factor: 1,
+                max_buffered: args.read_ahead.max(1),
                 ..KafkaConfig::default()
             }
             .bounded_by_pool(pool);
@@ -167,8 +178,13 @@ async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::Pool
         BrokerKind::Nats => {
             use eventbus::broker::nats::{NatsBroker, NatsConfig};
             let address = from_env(&args.nats_url, NATS_ENV, "nats://127.0.0.1:4222");
-            let config = NatsConfig { url: address.clone(), connect_timeout: timeout, ..NatsConfig::default() }
-                .bounded_by_pool(pool);
+            let config = NatsConfig {
+                url: address.clone(),
+                connect_timeout: timeout,
+                max_ack_pending: i64::try_from(args.read_ahead.max(1)).unwrap_or(i64::MAX),
+                ..NatsConfig::default()
+            }
+            .bounded_by_pool(pool);
             match tokio::time::timeout(timeout + Duration::from_secs(1), NatsBroker::connect(config)).await {
                 Ok(Ok(broker)) => Ok(Target::Nats { broker, address }),
                 Ok(Err(e)) => Err(unreachable(&address, e.to_string())),
@@ -201,7 +217,8 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
     }
     let mut kinds = args.brokers.clone();
     kinds.dedup();
-    let config = BusConfig::default();
+    let mut config = BusConfig::default();
+    config.consumer.commit_interval = Duration::from_millis(args.commit_interval_ms.max(1));
     let mut targets = Vec::new();
     for &kind in &kinds {
         targets.push(connect(kind, &args, &config.pool).await?);
@@ -212,10 +229,13 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
     println!("machine: {}", machine.describe());
     println!(
         "scenario: {TOPICS} topics x {PARTITIONS} partitions, aggregates = messages/10 (50..1000), levels {levels:?}, \
-         pool {} workers / capacity {}, {} publishes in flight per topic, load average {}",
+         pool {} workers / capacity {}, {} publishes in flight per topic, commit interval {} ms, read-ahead {}, \
+         load average {}",
         config.pool.concurrency,
         config.pool.capacity,
         args.publish_concurrency,
+        args.commit_interval_ms,
+        args.read_ahead,
         load_average_start.map_or("-".into(), |l| format!("{l:.2}")),
     );
     // A fresh prefix per run: reruns never see an earlier run's topics or groups.
@@ -241,6 +261,9 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
         load_average_end: workload::load_average(),
         started_at: OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         publish_concurrency: args.publish_concurrency,
+        commit_interval_ms: args.commit_interval_ms,
+        read_ahead: args.read_ahead,
+        kafka_single_record_batches: !args.kafka_batching,
         brokers,
         passed,
     };

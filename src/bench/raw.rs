@@ -60,8 +60,9 @@ pub async fn nats(
 ) -> Result<Drain, String> {
     use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 
-    let tally = Tally::new(bar);
-    let mut tasks = Vec::new();
+    // Every consumer and pull first, then the tasks: the clock starts at the
+    // first message, so setting up one stream must not overlap another's reading.
+    let mut pulls = Vec::new();
     for name in streams {
         let stream = js.get_stream(name).await.map_err(|e| format!("raw NATS: stream {name}: {e}"))?;
         let consumer = stream
@@ -73,9 +74,13 @@ pub async fn nats(
             })
             .await
             .map_err(|e| format!("raw NATS: consumer on {name}: {e}"))?;
+        pulls.push((name.clone(), consumer));
+    }
+    let tally = Tally::new(bar);
+    let mut tasks = Vec::new();
+    for (name, consumer) in pulls {
         let mut messages = consumer.messages().await.map_err(|e| format!("raw NATS: pull on {name}: {e}"))?;
         let tally = tally.clone();
-        let name = name.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(m) = messages.next().await {
                 let m = m.map_err(|e| format!("raw NATS: {name}: {e}"))?;

@@ -17,6 +17,9 @@ pub struct BenchReport {
     pub load_average_end: Option<f64>,
     pub started_at: String,
     pub publish_concurrency: usize,
+    pub commit_interval_ms: u64,
+    pub read_ahead: usize,
+    pub kafka_single_record_batches: bool,
     pub brokers: Vec<BrokerReport>,
     pub passed: bool,
 }
