@@ -63,7 +63,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             handler: Duration::from_micros(args.handler_us),
             // One publish at a time per topic, as the seed's publisher did.
             publish_concurrency: 1,
-            timeout: Duration::from_secs(args.timeout_secs),
+            timeout: Duration::from_secs(args.run.timeout_secs),
             config: config.clone(),
             label: messages.to_string(),
         };
@@ -84,7 +84,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         }
     }
     let passed = results.iter().all(LevelResult::passed);
-    if args.json {
+    if args.run.json {
         let report = Report { machine: &machine, handler_us: args.handler_us, levels: &results, passed };
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
@@ -120,21 +120,11 @@ fn print_table(results: &[LevelResult]) {
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
-            vec![
-                r.messages.to_string(),
-                r.aggregates.to_string(),
-                r.sent.to_string(),
-                r.received.to_string(),
-                format!("{:.2}%", r.success_rate),
-                r.order_violations.to_string(),
-                r.duplicates.to_string(),
-                r.dead_letters.to_string(),
-                format!("{:.0}", r.throughput_eps),
-                format!("{:.2}", r.latency_p50_ms),
-                format!("{:.2}", r.latency_p99_ms),
-                r.tasks_alive_after_close.to_string(),
-                r.peak_memory_mib.map_or("-".into(), |m| format!("{m:.1}")),
-            ]
+            let mut row = vec![r.messages.to_string(), r.aggregates.to_string()];
+            row.extend(r.check_cells());
+            row.push(format!("{:.0}", r.throughput_eps));
+            row.extend(r.end_cells());
+            row
         })
         .collect();
     print!("{}", workload::render_table(&header, &rows));

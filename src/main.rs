@@ -45,11 +45,18 @@ pub struct DemoArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Options every scenario command has.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
     /// Also print the results as JSON.
     #[arg(long)]
     pub json: bool,
 
-    /// Give up on a level after this many seconds (reported as a failure).
+    /// Give up on a level (of the bench: on one phase of a level) after this many seconds (reported as a failure).
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
 
@@ -61,8 +68,8 @@ pub struct DemoArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let workers = match &cli.command {
-        Command::Demo(args) => args.workers,
-        Command::Bench(args) => args.workers,
+        Command::Demo(args) => args.run.workers,
+        Command::Bench(args) => args.run.workers,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();

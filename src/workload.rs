@@ -238,6 +238,28 @@ pub struct LevelResult {
 }
 
 impl LevelResult {
+    /// sent, handled, success, violations, duplicates, dead letters.
+    pub fn check_cells(&self) -> Vec<String> {
+        vec![
+            self.sent.to_string(),
+            self.received.to_string(),
+            format!("{:.2}%", self.success_rate),
+            self.order_violations.to_string(),
+            self.duplicates.to_string(),
+            self.dead_letters.to_string(),
+        ]
+    }
+
+    /// End-to-end p50 and p99, tasks alive after close, peak memory.
+    pub fn end_cells(&self) -> Vec<String> {
+        vec![
+            format!("{:.2}", self.latency_p50_ms),
+            format!("{:.2}", self.latency_p99_ms),
+            self.tasks_alive_after_close.to_string(),
+            self.peak_memory_mib.map_or("-".into(), |m| format!("{m:.1}")),
+        ]
+    }
+
     pub fn passed(&self) -> bool {
         self.sent == self.messages
             && self.received == self.sent

@@ -70,22 +70,23 @@ impl Tally {
     }
 }
 
+/// What a read-back reads and how: `topics` from the start, each message
+/// handled by sleeping `handler` (if not zero), until `expected` were handled.
+pub struct Backlog<'a> {
+    pub topics: &'a [String],
+    pub handler: Duration,
+    pub expected: u64,
+    pub deadline: Deadline,
+}
+
 /// The message did not arrive in time: how many did.
 pub fn shortfall(what: &str, tally: &Tally, expected: u64) -> String {
     format!("{what}: timed out with {} of {expected} messages handled", tally.count())
 }
 
-/// Our bus, in a new group, reads `topics` from the start; the handler
-/// sleeps `handler` (if not zero) and counts.
-pub async fn ours<B: Broker>(
-    broker: B,
-    config: &BusConfig,
-    topics: &[String],
-    handler: Duration,
-    expected: u64,
-    deadline: Deadline,
-    bar: ProgressBar,
-) -> Result<Drain, String> {
+/// Our bus, in the new group of `config`, reads the backlog.
+pub async fn ours<B: Broker>(broker: B, config: &BusConfig, backlog: Backlog<'_>, bar: ProgressBar) -> Result<Drain, String> {
+    let Backlog { topics, handler, expected, deadline } = backlog;
     let bus = EventBus::builder(broker).config(config.clone()).build().map_err(|e| format!("build: {e}"))?;
     let tally = Tally::new(bar);
     for t in topics {
@@ -115,15 +116,8 @@ pub async fn ours<B: Broker>(
 /// The seed's consumer, re-expressed: one lane per partition that hands one
 /// message to the handler and waits for it before taking the next, so a
 /// partition never has two messages in flight whatever the worker count.
-pub async fn sequential<B: Broker>(
-    broker: &B,
-    group: &str,
-    topics: &[String],
-    handler: Duration,
-    expected: u64,
-    deadline: Deadline,
-    bar: ProgressBar,
-) -> Result<Drain, String> {
+pub async fn sequential<B: Broker>(broker: &B, group: &str, backlog: Backlog<'_>, bar: ProgressBar) -> Result<Drain, String> {
+    let Backlog { topics, handler, expected, deadline } = backlog;
     let mut session = broker.subscribe(group, topics).await.map_err(|e| format!("subscribe: {e}"))?;
     let tally = Tally::new(bar);
     let mut lanes: HashMap<TopicPartition, mpsc::UnboundedSender<Delivery>> = HashMap::new();

@@ -20,7 +20,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget};
 use time::OffsetDateTime;
 
 use crate::workload::{self, Layout, LiveParams, PARTITIONS, TOPICS};
-use drain::Drain;
+use drain::{Backlog, Drain};
 use report::{BenchReport, BrokerReport, LevelReport, Parallelism};
 
 const KAFKA_ENV: &str = "EVENTBUS_KAFKA_BROKERS";
@@ -84,17 +84,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "bench-report")]
     pub report_dir: PathBuf,
 
-    /// Also print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Give up on one phase of a level after this many seconds (reported as a failure).
-    #[arg(long, default_value_t = 120)]
-    pub timeout_secs: u64,
-
-    /// Runtime worker threads (default: one per core).
-    #[arg(long)]
-    pub workers: Option<usize>,
+    #[command(flatten)]
+    pub run: crate::RunArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -281,7 +272,7 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
     }
     let files = report::write_files(&report, &args.report_dir).map_err(BenchError::Report)?;
     println!("report: {}", files.join(", "));
-    if args.json {
+    if args.run.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| BenchError::Report(e.to_string()))?;
         println!("{json}");
     }
@@ -367,7 +358,7 @@ async fn run_broker<B: Broker + Clone>(
     progress: &MultiProgress,
 ) -> BrokerReport {
     let kind = target.kind();
-    let timeout = Duration::from_secs(args.timeout_secs.max(1));
+    let timeout = Duration::from_secs(args.run.timeout_secs.max(1));
     let mut report = BrokerReport { broker: kind.to_string(), address: target.address(), levels: Vec::new(), parallelism: None, errors: Vec::new() };
     for &messages in levels {
         let prefix = format!("{run_id}-{kind}-{messages}");
@@ -391,7 +382,8 @@ async fn run_broker<B: Broker + Clone>(
             drain_config.consumer.group = format!("{prefix}-ours");
             let deadline = tokio::time::Instant::now() + timeout;
             let b = bar(progress, messages, format!("{kind} {messages} ours read"));
-            match drain::ours(broker.clone(), &drain_config, &layout.topics, Duration::ZERO, messages, deadline, b).await {
+            let backlog = Backlog { topics: &layout.topics, handler: Duration::ZERO, expected: messages, deadline };
+            match drain::ours(broker.clone(), &drain_config, backlog, b).await {
                 Ok(d) => level.ours_drain = Some(d),
                 Err(e) => level.live.errors.push(format!("read-back by our bus: {e}")),
             }
@@ -446,13 +438,14 @@ async fn parallelism<B: Broker + Clone>(
     };
     let prefix = format!("{run_id}-{kind}-par");
     let layout = target.layout(&prefix, 1, PARTITIONS);
-    let timeout = Duration::from_secs(args.timeout_secs.max(1));
+    let timeout = Duration::from_secs(args.run.timeout_secs.max(1));
     let published = prefill(broker.clone(), &layout, messages, args.publish_concurrency, config, progress, &kind).await;
     match published {
         Ok(()) => {
             let deadline = tokio::time::Instant::now() + timeout;
             let b = bar(progress, messages, format!("{kind} sequential 1ms"));
-            match drain::sequential(&broker, &format!("{prefix}-seq"), &layout.topics, PARALLEL_HANDLER, messages, deadline, b).await {
+            let backlog = Backlog { topics: &layout.topics, handler: PARALLEL_HANDLER, expected: messages, deadline };
+            match drain::sequential(&broker, &format!("{prefix}-seq"), backlog, b).await {
                 Ok(d) => result.sequential = Some(d),
                 Err(e) => result.errors.push(e),
             }
@@ -460,7 +453,8 @@ async fn parallelism<B: Broker + Clone>(
             ours_config.consumer.group = format!("{prefix}-ours");
             let deadline = tokio::time::Instant::now() + timeout;
             let b = bar(progress, messages, format!("{kind} ours 1ms"));
-            match drain::ours(broker.clone(), &ours_config, &layout.topics, PARALLEL_HANDLER, messages, deadline, b).await {
+            let backlog = Backlog { topics: &layout.topics, handler: PARALLEL_HANDLER, expected: messages, deadline };
+            match drain::ours(broker.clone(), &ours_config, backlog, b).await {
                 Ok(d) => result.ours = Some(d),
                 Err(e) => result.errors.push(e),
             }
