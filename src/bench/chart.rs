@@ -19,15 +19,21 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(23, 190, 207),
 ];
 
-/// Draws `series` into an SVG at `path`, the levels on a logarithmic x axis.
+/// Draws `series` into an SVG at `path`, both axes logarithmic: the brokers
+/// differ by orders of magnitude. Points that are not positive (a failed
+/// level measures 0) are left out.
 pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<(), String> {
     let fail = |e: &dyn std::fmt::Display| format!("chart {}: {e}", path.display());
+    let series: Vec<Series> = series
+        .iter()
+        .map(|s| Series { name: s.name.clone(), points: s.points.iter().copied().filter(|&(x, y)| x > 0.0 && y > 0.0).collect() })
+        .collect();
     let points = || series.iter().flat_map(|s| s.points.iter().copied());
     let (x_min, x_max) = points().fold((f64::MAX, f64::MIN), |(lo, hi), (x, _)| (lo.min(x), hi.max(x)));
-    let y_max = points().map(|(_, y)| y).fold(0.0_f64, f64::max);
-    // A chart needs a non-empty range; a single level or all-zero values get a pad.
+    let (y_min, y_max) = points().fold((f64::MAX, f64::MIN), |(lo, hi), (_, y)| (lo.min(y), hi.max(y)));
+    // A chart needs a non-empty range; no points at all get a placeholder one.
     let (x_min, x_max) = if x_min > x_max { (1.0, 10.0) } else { (x_min * 0.8, x_max * 1.25) };
-    let y_max = if y_max > 0.0 { y_max * 1.15 } else { 1.0 };
+    let (y_min, y_max) = if y_min > y_max { (1.0, 10.0) } else { (y_min * 0.5, y_max * 2.0) };
 
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
@@ -36,14 +42,16 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(80)
-        .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..y_max)
+        .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
         .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
+        .x_labels(8)
+        .y_labels(8)
         .x_desc("messages per level (log scale)")
-        .y_desc(y_label)
+        .y_desc(format!("{y_label} (log scale)"))
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
+        .y_label_formatter(&|y| if *y >= 10.0 { format!("{y:.0}") } else { format!("{y:.2}") })
         .draw()
         .map_err(|e| fail(&e))?;
     for (i, s) in series.iter().enumerate() {
