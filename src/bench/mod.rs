@@ -50,6 +50,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub kafka_batching: bool,
 
+    /// Kafka consumers' fetch.wait.max.ms (ours and the plain client's).
+    #[arg(long, default_value_t = 50)]
+    pub kafka_fetch_wait_ms: u64,
+
     /// NATS server URL [default: $EVENTBUS_NATS_URL or nats://127.0.0.1:4222].
     #[arg(long, value_name = "URL")]
     pub nats_url: Option<String>,
@@ -146,7 +150,7 @@ async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::Pool
                 brokers: address.clone(),
                 session_timeout: Duration::from_secs(6),
                 heartbeat_interval: Duration::from_millis(500),
-                fetch_max_wait: Duration::from_millis(50),
+                fetch_max_wait: Duration::from_millis(args.kafka_fetch_wait_ms),
                 linger: Duration::from_millis(1),
                 request_timeout: timeout,
                 replication_factor: 1,
@@ -316,7 +320,10 @@ impl Target {
         match self {
             Target::Memory => None,
             #[cfg(feature = "kafka")]
-            Target::Kafka { address, .. } => Some(raw::kafka(address, group, &layout.topics, expected, deadline, bar).await),
+            Target::Kafka { broker, address } => {
+                let fetch_wait = broker.config().fetch_max_wait;
+                Some(raw::kafka(address, group, fetch_wait, &layout.topics, expected, deadline, bar).await)
+            }
             #[cfg(feature = "nats")]
             Target::Nats { broker, .. } => {
                 let streams: Vec<String> = layout.topics.iter().map(|t| broker.config().stream_name(t)).collect();

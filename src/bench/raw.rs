@@ -13,11 +13,13 @@ use tokio::time::Instant as Deadline;
 use super::drain::{shortfall, Drain, Tally};
 
 /// A fresh group of rdkafka's `StreamConsumer` reads `topics` from the
-/// beginning; librdkafka commits in the background (its defaults).
+/// beginning, fetching like our consumer (`fetch_wait`); librdkafka commits
+/// in the background (its defaults).
 #[cfg(feature = "kafka")]
 pub async fn kafka(
     brokers: &str,
     group: &str,
+    fetch_wait: Duration,
     topics: &[String],
     expected: u64,
     deadline: Deadline,
@@ -31,7 +33,7 @@ pub async fn kafka(
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", fetch_wait.as_millis().to_string())
         .create()
         .map_err(|e| format!("raw rdkafka consumer: {e}"))?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
