@@ -80,6 +80,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_raw: bool,
 
+    /// Read-backs per level and side (ours, plain client), alternating; the medians are compared.
+    #[arg(long, default_value_t = 3)]
+    pub read_back_runs: usize,
+
     /// Messages of the key-level parallelism run (1 ms handler, 1,000 aggregates, 3 partitions); 0 skips it.
     #[arg(long, default_value_t = 5_000)]
     pub parallel_messages: u64,
@@ -382,25 +386,42 @@ async fn run_broker<B: Broker + Clone>(
             label: format!("{kind} {messages}"),
         };
         let live = workload::run_live(broker.clone(), &layout, &params, progress).await;
-        let mut level = LevelReport { live, ours_drain: None, raw_drain: None, ours_vs_raw: None, load_average: None };
+        let mut level = LevelReport {
+            live,
+            ours_drain: None,
+            raw_drain: None,
+            ours_runs_eps: Vec::new(),
+            raw_runs_eps: Vec::new(),
+            ours_vs_raw: None,
+            load_average: None,
+        };
         let complete = level.live.sent == messages && level.live.errors.is_empty();
         if complete && !args.no_raw && kind != BrokerKind::Memory {
-            let mut drain_config = config.clone();
-            drain_config.consumer.group = format!("{prefix}-ours");
-            let deadline = tokio::time::Instant::now() + timeout;
-            let b = bar(progress, messages, format!("{kind} {messages} ours read"));
-            let backlog = Backlog { topics: &layout.topics, handler: Duration::ZERO, expected: messages, deadline };
-            match drain::ours(broker.clone(), &drain_config, backlog, b).await {
-                Ok(d) => level.ours_drain = Some(d),
-                Err(e) => level.live.errors.push(format!("read-back by our bus: {e}")),
+            let (mut ours, mut raws) = (Vec::new(), Vec::new());
+            // Ours and the plain client alternate, each run in new groups, so a
+            // burst of load elsewhere hits both sides; the medians are compared.
+            for run in 1..=args.read_back_runs.max(1) {
+                let mut drain_config = config.clone();
+                drain_config.consumer.group = format!("{prefix}-ours{run}");
+                let deadline = tokio::time::Instant::now() + timeout;
+                let b = bar(progress, messages, format!("{kind} {messages} ours read #{run}"));
+                let backlog = Backlog { topics: &layout.topics, handler: Duration::ZERO, expected: messages, deadline };
+                match drain::ours(broker.clone(), &drain_config, backlog, b).await {
+                    Ok(d) => ours.push(d),
+                    Err(e) => level.live.errors.push(format!("read-back by our bus: {e}")),
+                }
+                let deadline = tokio::time::Instant::now() + timeout;
+                let b = bar(progress, messages, format!("{kind} {messages} raw read #{run}"));
+                match target.raw_drain(&layout, &format!("{prefix}-raw{run}"), messages, deadline, b).await {
+                    Some(Ok(d)) => raws.push(d),
+                    Some(Err(e)) => level.live.errors.push(format!("read-back by the plain client: {e}")),
+                    None => {}
+                }
             }
-            let deadline = tokio::time::Instant::now() + timeout;
-            let b = bar(progress, messages, format!("{kind} {messages} raw read"));
-            match target.raw_drain(&layout, &format!("{prefix}-raw"), messages, deadline, b).await {
-                Some(Ok(d)) => level.raw_drain = Some(d),
-                Some(Err(e)) => level.live.errors.push(format!("read-back by the plain client: {e}")),
-                None => {}
-            }
+            level.ours_runs_eps = ours.iter().map(|d| d.eps).collect();
+            level.raw_runs_eps = raws.iter().map(|d| d.eps).collect();
+            level.ours_drain = median(ours);
+            level.raw_drain = median(raws);
             if let (Some(o), Some(r)) = (&level.ours_drain, &level.raw_drain) {
                 level.ours_vs_raw = (r.eps > 0.0).then(|| o.eps / r.eps);
             }
@@ -414,6 +435,13 @@ async fn run_broker<B: Broker + Clone>(
         report.parallelism = Some(p);
     }
     report
+}
+
+/// The run with the median rate (the lower middle one of an even count).
+fn median(mut runs: Vec<Drain>) -> Option<Drain> {
+    runs.sort_by(|a, b| a.eps.total_cmp(&b.eps));
+    let mid = runs.len().checked_sub(1)? / 2;
+    Some(runs.swap_remove(mid))
 }
 
 const PARALLEL_AGGREGATES: u64 = 1_000;
