@@ -61,13 +61,25 @@ fn bench_on_memory_reports_every_event_in_order_and_writes_the_charts() {
         assert_eq!(par["sequential"]["handled"], par["messages"], "{par}");
     }
 
+    assert_charts(&dir);
+
+    // The charts can be drawn again from the written report alone.
+    let again = report_dir("replot");
+    let report = dir.join("report.json");
+    let out = eventbus(&["bench", "--replot", report.to_str().unwrap(), "--report-dir", again.to_str().unwrap()]);
+    assert!(out.status.success(), "replot failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_charts(&again);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&again);
+}
+
+fn assert_charts(dir: &std::path::Path) {
     for chart in ["throughput.svg", "publish_throughput.svg", "latency_p99.svg"] {
         let svg = std::fs::read_to_string(dir.join(chart)).unwrap_or_else(|e| panic!("{chart}: {e}"));
         assert!(svg.trim_start().starts_with("<svg"), "{chart} is not an SVG: {}", &svg[..svg.len().min(200)]);
         assert!(svg.trim_end().ends_with("</svg>"), "{chart} is cut short");
         assert!(svg.contains("memory"), "{chart} has no line labelled memory");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[cfg(feature = "nats")]

@@ -31,9 +31,10 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
     let points = || series.iter().flat_map(|s| s.points.iter().copied());
     let (x_min, x_max) = points().fold((f64::MAX, f64::MIN), |(lo, hi), (x, _)| (lo.min(x), hi.max(x)));
     let (y_min, y_max) = points().fold((f64::MAX, f64::MIN), |(lo, hi), (_, y)| (lo.min(y), hi.max(y)));
-    // A chart needs a non-empty range; no points at all get a placeholder one.
+    // A chart needs a non-empty range (no points at all get a placeholder one);
+    // the headroom above the highest line keeps the legend off it.
     let (x_min, x_max) = if x_min > x_max { (1.0, 10.0) } else { (x_min * 0.8, x_max * 1.25) };
-    let (y_min, y_max) = if y_min > y_max { (1.0, 10.0) } else { (y_min * 0.5, y_max * 2.0) };
+    let (y_min, y_max) = if y_min > y_max { (1.0, 10.0) } else { (y_min * 0.5, y_max * 4.0) };
 
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;

@@ -88,6 +88,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5_000)]
     pub parallel_messages: u64,
 
+    /// Only draw the charts of an earlier run's report.json into --report-dir (nothing is measured).
+    #[arg(long, value_name = "REPORT_JSON")]
+    pub replot: Option<PathBuf>,
+
     /// Folder for report.json and the SVG charts.
     #[arg(long, default_value = "bench-report")]
     pub report_dir: PathBuf,
@@ -207,6 +211,16 @@ pub async fn run(args: BenchArgs) -> ExitCode {
 }
 
 async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
+    if let Some(path) = &args.replot {
+        let text = std::fs::read_to_string(path).map_err(|e| BenchError::Report(format!("{}: {e}", path.display())))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| BenchError::Report(format!("{}: {e}", path.display())))?;
+        std::fs::create_dir_all(&args.report_dir)
+            .map_err(|e| BenchError::Report(format!("report folder {}: {e}", args.report_dir.display())))?;
+        let files = report::draw_charts(&json, &args.report_dir).map_err(BenchError::Report)?;
+        println!("charts: {}", files.join(", "));
+        return Ok(true);
+    }
     let mut levels = args.levels.clone();
     if args.with_100k && !levels.contains(&100_000) {
         levels.push(100_000);

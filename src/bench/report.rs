@@ -157,26 +157,35 @@ pub fn print_tables(report: &BenchReport) {
 /// Writes `report.json` and the charts into `dir`; returns the files written.
 pub fn write_files(report: &BenchReport, dir: &Path) -> Result<Vec<String>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("report folder {}: {e}", dir.display()))?;
-    let json = serde_json::to_string_pretty(report).map_err(|e| format!("serializing the report: {e}"))?;
+    let json = serde_json::to_value(report).map_err(|e| format!("serializing the report: {e}"))?;
     let json_path = dir.join("report.json");
-    std::fs::write(&json_path, json).map_err(|e| format!("{}: {e}", json_path.display()))?;
-    let series = |value: &dyn Fn(&LevelResult) -> f64| -> Vec<Series> {
-        report
-            .brokers
+    let text = serde_json::to_string_pretty(&json).map_err(|e| format!("serializing the report: {e}"))?;
+    std::fs::write(&json_path, text).map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let mut written = vec![json_path.display().to_string()];
+    written.extend(draw_charts(&json, dir)?);
+    Ok(written)
+}
+
+/// Draws the charts of a report (as written to `report.json`) into `dir`.
+/// Read from the JSON, so an earlier run's report can be charted again.
+pub fn draw_charts(report: &serde_json::Value, dir: &Path) -> Result<Vec<String>, String> {
+    let brokers = report["brokers"].as_array().ok_or("the report has no \"brokers\" list")?;
+    let series = |field: &str| -> Vec<Series> {
+        brokers
             .iter()
-            .filter(|b| !b.levels.is_empty())
-            .map(|b| Series {
-                name: b.broker.clone(),
-                points: b.levels.iter().map(|l| (l.live.messages as f64, value(&l.live))).collect(),
+            .filter_map(|b| {
+                let levels = b["levels"].as_array().filter(|l| !l.is_empty())?;
+                let points = levels.iter().filter_map(|l| Some((l["messages"].as_f64()?, l[field].as_f64()?))).collect();
+                Some(Series { name: b["broker"].as_str().unwrap_or("?").to_string(), points })
             })
             .collect()
     };
     let charts = [
-        ("throughput.svg", "End-to-end throughput by pressure level", "events/s", series(&|r| r.throughput_eps)),
-        ("publish_throughput.svg", "Publish throughput by pressure level", "acknowledged publishes/s", series(&|r| r.publish_eps)),
-        ("latency_p99.svg", "End-to-end p99 latency by pressure level", "ms", series(&|r| r.latency_p99_ms)),
+        ("throughput.svg", "End-to-end throughput by pressure level", "events/s", series("throughput_eps")),
+        ("publish_throughput.svg", "Publish throughput by pressure level", "acknowledged publishes/s", series("publish_eps")),
+        ("latency_p99.svg", "End-to-end p99 latency by pressure level", "ms", series("latency_p99_ms")),
     ];
-    let mut written = vec![json_path.display().to_string()];
+    let mut written = Vec::new();
     for (file, title, y, s) in charts {
         let path = dir.join(file);
         chart::line_chart(&path, title, y, &s)?;
