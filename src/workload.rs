@@ -472,6 +472,8 @@ pub async fn run_live<B: Broker>(
                 result.errors.extend(errors);
             }
             Err(_) => {
+                // The bar counts acknowledged publishes: what was sent before the cut.
+                result.sent = pub_bar.position();
                 result.timed_out = true;
                 result.errors.push(format!("timed out after {:?} while publishing", params.timeout));
             }
