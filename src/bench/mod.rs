@@ -239,6 +239,7 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
 
     let machine = workload::machine_facts();
     let load_average_start = workload::load_average();
+    let started_at = OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
     println!("machine: {}", machine.describe());
     println!(
         "scenario: {TOPICS} topics x {PARTITIONS} partitions, aggregates = messages/10 (50..1000), levels {levels:?}, \
@@ -272,7 +273,7 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
         machine,
         load_average_start,
         load_average_end: workload::load_average(),
-        started_at: OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        started_at,
         publish_concurrency: args.publish_concurrency,
         commit_interval_ms: args.commit_interval_ms,
         read_ahead: args.read_ahead,
