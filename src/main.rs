@@ -83,8 +83,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command {
+    let code = match cli.command {
         Command::Demo(args) => runtime.block_on(demo::run(args)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
-    }
+    };
+    // Do not wait for abandoned blocking calls: a connect to an unreachable
+    // Kafka broker, cut off by the bench's timeout, would otherwise hold the
+    // exit for librdkafka's whole request timeout.
+    runtime.shutdown_background();
+    code
 }

@@ -164,7 +164,9 @@ async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::Pool
                 heartbeat_interval: Duration::from_millis(500),
                 fetch_max_wait: Duration::from_millis(args.kafka_fetch_wait_ms),
                 linger: Duration::from_millis(1),
-                request_timeout: timeout,
+                // Also bounds commits and admin calls during the run, so not
+                // the connect timeout; the connect is cut by the timeout below.
+                request_timeout: timeout.max(Duration::from_secs(10)),
                 replication_factor: 1,
                 max_buffered: args.read_ahead.max(1),
                 ..KafkaConfig::default()
@@ -173,7 +175,7 @@ async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::Pool
             if !args.kafka_batching {
                 config.producer_properties.insert("batch.num.messages".into(), "1".into());
             }
-            let connecting = tokio::time::timeout(timeout + Duration::from_secs(1), KafkaBroker::connect(config));
+            let connecting = tokio::time::timeout(timeout, KafkaBroker::connect(config));
             let broker = match connecting.await {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => return Err(unreachable(&address, e.to_string())),
@@ -232,8 +234,12 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
     if levels.is_empty() || levels.contains(&0) {
         return Err(BenchError::EmptyLevel);
     }
-    let mut kinds = args.brokers.clone();
-    kinds.dedup();
+    let mut kinds: Vec<BrokerKind> = Vec::new();
+    for &k in &args.brokers {
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
     let mut config = BusConfig::default();
     config.consumer.commit_interval = Duration::from_millis(args.commit_interval_ms.max(1));
     let mut targets = Vec::new();
