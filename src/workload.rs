@@ -187,8 +187,12 @@ pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 pub fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix:>24} [{bar:40}] {pos:>6}/{len:6} {per_sec:>12} {msg}")
+    ProgressStyle::with_template("{prefix:>24} [{bar:40}] {pos:>6}/{len:6} {rate:>10} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
+        // indicatif's own {per_sec} prints a dozen decimals.
+        .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0}/s", state.per_sec());
+        })
         .progress_chars("=> ")
 }
 
