@@ -360,17 +360,28 @@ impl Target {
         }
     }
 
-    /// Deletes what a level created, where the broker lets us (NATS streams;
-    /// tansu's and the memory broker's topics go with the process).
+    /// Deletes what a level created: NATS streams (a failure is an error),
+    /// Kafka topics (best effort, through a plain admin client: the adapter
+    /// has no delete; a broker that refuses gets a warning). The memory
+    /// broker's topics go with the process.
     async fn cleanup(&self, topics: &[String]) -> Vec<String> {
         let mut errors = Vec::new();
-        #[cfg(feature = "nats")]
-        if let Target::Nats { broker, .. } = self {
-            for t in topics {
-                if let Err(e) = broker.delete_topic(t).await {
-                    errors.push(format!("deleting stream of {t}: {e}"));
+        match self {
+            #[cfg(feature = "nats")]
+            Target::Nats { broker, .. } => {
+                for t in topics {
+                    if let Err(e) = broker.delete_topic(t).await {
+                        errors.push(format!("deleting stream of {t}: {e}"));
+                    }
                 }
             }
+            #[cfg(feature = "kafka")]
+            Target::Kafka { address, .. } => {
+                if let Err(e) = raw::kafka_delete_topics(address, topics).await {
+                    eprintln!("warning: kafka: topics of this level not deleted: {e}");
+                }
+            }
+            _ => {}
         }
         errors
     }

@@ -50,6 +50,26 @@ pub async fn kafka(
     Ok(tally.drain())
 }
 
+/// Deletes `topics` with a plain admin client (the bench's own clean-up).
+#[cfg(feature = "kafka")]
+pub async fn kafka_delete_topics(brokers: &str, topics: &[String]) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::ClientConfig;
+
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(|e| e.to_string())?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = admin.delete_topics(&names, &options).await.map_err(|e| e.to_string())?;
+    let failed: Vec<String> = results.into_iter().filter_map(|r| r.err()).map(|(t, e)| format!("{t}: {e}")).collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join(", "))
+    }
+}
+
 /// One ephemeral pull consumer per stream (explicit acks, from the first
 /// message), one task each, acking every message after the handler.
 #[cfg(feature = "nats")]
