@@ -345,18 +345,22 @@ pub async fn publish_in_order<B: Broker>(
             for v in 1..=max {
                 // Collected first: a lazy iterator of closures held across the
                 // await makes the task's future not provably `Send`.
-                let round: Vec<_> = mine.iter().filter(|(_, _, n)| v <= *n).map(|(agg, topic, _)| {
-                    let (bus, bar, agg, topic) = (bus.clone(), bar.clone(), agg.clone(), topic.clone());
-                    async move {
-                        let payload = serde_json::json!({ "order_id": agg, "seq": v, "amount_cents": v * 100 });
-                        let env = Envelope::new(agg.as_str(), "OrderUpdated", v as i64, &payload)
-                            .map_err(|e| format!("envelope {agg} v{v}: {e}"))?;
-                        let at = Instant::now();
-                        bus.publish_envelope(&topic, &env).await.map_err(|e| format!("publish {agg} v{v}: {e}"))?;
-                        bar.inc(1);
-                        Ok::<u64, String>(at.elapsed().as_micros() as u64)
-                    }
-                }).collect();
+                let round: Vec<_> = mine
+                    .iter()
+                    .filter(|(_, _, n)| v <= *n)
+                    .map(|(agg, topic, _)| {
+                        let (bus, bar, agg, topic) = (bus.clone(), bar.clone(), agg.clone(), topic.clone());
+                        async move {
+                            let payload = serde_json::json!({ "order_id": agg, "seq": v, "amount_cents": v * 100 });
+                            let env = Envelope::new(agg.as_str(), "OrderUpdated", v as i64, &payload)
+                                .map_err(|e| format!("envelope {agg} v{v}: {e}"))?;
+                            let at = Instant::now();
+                            bus.publish_envelope(&topic, &env).await.map_err(|e| format!("publish {agg} v{v}: {e}"))?;
+                            bar.inc(1);
+                            Ok::<u64, String>(at.elapsed().as_micros() as u64)
+                        }
+                    })
+                    .collect();
                 let results: Vec<Result<u64, String>> =
                     futures::stream::iter(round).buffer_unordered(concurrency).collect().await;
                 let mut failed = None;
@@ -483,7 +487,8 @@ pub async fn run_live<B: Broker>(
             }
         }
         let expected = result.sent;
-        if !result.timed_out && tokio::time::timeout_at(deadline, handled_rx.wait_for(|&n| n >= expected)).await.is_err()
+        if !result.timed_out
+            && tokio::time::timeout_at(deadline, handled_rx.wait_for(|&n| n >= expected)).await.is_err()
         {
             result.timed_out = true;
             result.errors.push(format!(

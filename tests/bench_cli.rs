@@ -18,16 +18,8 @@ fn report_dir(name: &str) -> PathBuf {
 #[test]
 fn bench_on_memory_reports_every_event_in_order_and_writes_the_charts() {
     let dir = report_dir("memory");
-    let out = eventbus(&[
-        "bench",
-        "--brokers",
-        "memory",
-        "--levels",
-        "500",
-        "--json",
-        "--report-dir",
-        dir.to_str().unwrap(),
-    ]);
+    let out =
+        eventbus(&["bench", "--brokers", "memory", "--levels", "500", "--json", "--report-dir", dir.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);

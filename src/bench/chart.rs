@@ -26,7 +26,10 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
     let fail = |e: &dyn std::fmt::Display| format!("chart {}: {e}", path.display());
     let series: Vec<Series> = series
         .iter()
-        .map(|s| Series { name: s.name.clone(), points: s.points.iter().copied().filter(|&(x, y)| x > 0.0 && y > 0.0).collect() })
+        .map(|s| Series {
+            name: s.name.clone(),
+            points: s.points.iter().copied().filter(|&(x, y)| x > 0.0 && y > 0.0).collect(),
+        })
         .collect();
     let points = || series.iter().flat_map(|s| s.points.iter().copied());
     let (x_min, x_max) = points().fold((f64::MAX, f64::MIN), |(lo, hi), (x, _)| (lo.min(x), hi.max(x)));
@@ -62,9 +65,7 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
             .map_err(|e| fail(&e))?
             .label(s.name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart
-            .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
-            .map_err(|e| fail(&e))?;
+        chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| fail(&e))?;
     }
     chart
         .configure_series_labels()

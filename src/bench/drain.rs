@@ -70,6 +70,13 @@ impl Tally {
     }
 }
 
+/// A read-back that failed leaves no bar drawn.
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 /// What a read-back reads and how: `topics` from the start, each message
 /// handled by sleeping `handler` (if not zero), until `expected` were handled.
 pub struct Backlog<'a> {
@@ -85,7 +92,12 @@ pub fn shortfall(what: &str, tally: &Tally, expected: u64) -> String {
 }
 
 /// Our bus, in the new group of `config`, reads the backlog.
-pub async fn ours<B: Broker>(broker: B, config: &BusConfig, backlog: Backlog<'_>, bar: ProgressBar) -> Result<Drain, String> {
+pub async fn ours<B: Broker>(
+    broker: B,
+    config: &BusConfig,
+    backlog: Backlog<'_>,
+    bar: ProgressBar,
+) -> Result<Drain, String> {
     let Backlog { topics, handler, expected, deadline } = backlog;
     let bus = EventBus::builder(broker).config(config.clone()).build().map_err(|e| format!("build: {e}"))?;
     let tally = Tally::new(bar);
@@ -116,7 +128,12 @@ pub async fn ours<B: Broker>(broker: B, config: &BusConfig, backlog: Backlog<'_>
 /// The seed's consumer, re-expressed: one lane per partition that hands one
 /// message to the handler and waits for it before taking the next, so a
 /// partition never has two messages in flight whatever the worker count.
-pub async fn sequential<B: Broker>(broker: &B, group: &str, backlog: Backlog<'_>, bar: ProgressBar) -> Result<Drain, String> {
+pub async fn sequential<B: Broker>(
+    broker: &B,
+    group: &str,
+    backlog: Backlog<'_>,
+    bar: ProgressBar,
+) -> Result<Drain, String> {
     let Backlog { topics, handler, expected, deadline } = backlog;
     let mut session = broker.subscribe(group, topics).await.map_err(|e| format!("subscribe: {e}"))?;
     let tally = Tally::new(bar);

@@ -138,9 +138,15 @@ pub enum BenchError {
 enum Target {
     Memory,
     #[cfg(feature = "kafka")]
-    Kafka { broker: eventbus::broker::kafka::KafkaBroker, address: String },
+    Kafka {
+        broker: eventbus::broker::kafka::KafkaBroker,
+        address: String,
+    },
     #[cfg(feature = "nats")]
-    Nats { broker: eventbus::broker::nats::NatsBroker, address: String },
+    Nats {
+        broker: eventbus::broker::nats::NatsBroker,
+        address: String,
+    },
 }
 
 fn from_env(flag: &Option<String>, var: &str, default: &str) -> String {
@@ -151,7 +157,8 @@ fn from_env(flag: &Option<String>, var: &str, default: &str) -> String {
 /// one fails the command at once, by name.
 async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::PoolConfig) -> Result<Target, BenchError> {
     let timeout = Duration::from_secs(args.connect_timeout_secs.max(1));
-    let unreachable = |address: &str, reason: String| BenchError::Unreachable { broker: kind, address: address.into(), reason };
+    let unreachable =
+        |address: &str, reason: String| BenchError::Unreachable { broker: kind, address: address.into(), reason };
     match kind {
         BrokerKind::Memory => Ok(Target::Memory),
         #[cfg(feature = "kafka")]
@@ -249,7 +256,8 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
 
     let machine = workload::machine_facts();
     let load_average_start = workload::load_average();
-    let started_at = OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    let started_at =
+        OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
     println!("machine: {}", machine.describe());
     println!(
         "scenario: {TOPICS} topics x {PARTITIONS} partitions, aggregates = messages/10 (50..1000), levels {levels:?}, \
@@ -268,11 +276,17 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
     let mut brokers = Vec::new();
     for target in &targets {
         let report = match target {
-            Target::Memory => run_broker(MemoryBroker::default(), target, &run_id, &levels, &args, &config, &progress).await,
+            Target::Memory => {
+                run_broker(MemoryBroker::default(), target, &run_id, &levels, &args, &config, &progress).await
+            }
             #[cfg(feature = "kafka")]
-            Target::Kafka { broker, .. } => run_broker(broker.clone(), target, &run_id, &levels, &args, &config, &progress).await,
+            Target::Kafka { broker, .. } => {
+                run_broker(broker.clone(), target, &run_id, &levels, &args, &config, &progress).await
+            }
             #[cfg(feature = "nats")]
-            Target::Nats { broker, .. } => run_broker(broker.clone(), target, &run_id, &levels, &args, &config, &progress).await,
+            Target::Nats { broker, .. } => {
+                run_broker(broker.clone(), target, &run_id, &levels, &args, &config, &progress).await
+            }
         };
         brokers.push(report);
     }
@@ -296,7 +310,11 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
     report::print_tables(&report);
     for b in &report.brokers {
         let level_errors = b.levels.iter().flat_map(|l| {
-            l.live.errors.iter().chain(&l.live.violation_examples).map(move |e| format!("level {}: {e}", l.live.messages))
+            l.live
+                .errors
+                .iter()
+                .chain(&l.live.violation_examples)
+                .map(move |e| format!("level {}: {e}", l.live.messages))
         });
         let par_errors = b.parallelism.iter().flat_map(|p| p.errors.iter().map(|e| format!("parallelism: {e}")));
         for e in b.errors.iter().cloned().chain(level_errors).chain(par_errors) {
@@ -343,8 +361,14 @@ impl Target {
     }
 
     /// The plain client reads `layout`'s topics; `None` on the memory broker.
-    async fn raw_drain(&self, layout: &Layout, group: &str, expected: u64, deadline: tokio::time::Instant, bar: ProgressBar)
-        -> Option<Result<Drain, String>> {
+    async fn raw_drain(
+        &self,
+        layout: &Layout,
+        group: &str,
+        expected: u64,
+        deadline: tokio::time::Instant,
+        bar: ProgressBar,
+    ) -> Option<Result<Drain, String>> {
         match self {
             Target::Memory => None,
             #[cfg(feature = "kafka")]
@@ -404,7 +428,13 @@ async fn run_broker<B: Broker + Clone>(
 ) -> BrokerReport {
     let kind = target.kind();
     let timeout = Duration::from_secs(args.run.timeout_secs.max(1));
-    let mut report = BrokerReport { broker: kind.to_string(), address: target.address(), levels: Vec::new(), parallelism: None, errors: Vec::new() };
+    let mut report = BrokerReport {
+        broker: kind.to_string(),
+        address: target.address(),
+        levels: Vec::new(),
+        parallelism: None,
+        errors: Vec::new(),
+    };
     for &messages in levels {
         let prefix = format!("{run_id}-{kind}-{messages}");
         let layout = target.layout(&prefix, TOPICS, PARTITIONS);
@@ -551,7 +581,9 @@ async fn prefill<B: Broker>(
     for t in &layout.topics {
         broker.ensure_topic(t, layout.partitions).await.map_err(|e| format!("ensure_topic {t}: {e}"))?;
     }
-    let bus = std::sync::Arc::new(EventBus::builder(broker).config(config.clone()).build().map_err(|e| format!("build: {e}"))?);
+    let bus = std::sync::Arc::new(
+        EventBus::builder(broker).config(config.clone()).build().map_err(|e| format!("build: {e}"))?,
+    );
     let versions = workload::plan(messages, PARALLEL_AGGREGATES);
     let b = bar(progress, messages, format!("{kind} backlog published"));
     let (sent, _, errors) = workload::publish_in_order(bus.clone(), layout, &versions, concurrency, b.clone()).await;

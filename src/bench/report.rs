@@ -78,7 +78,11 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 fn spread(runs: &[f64]) -> String {
     let lo = runs.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = runs.iter().copied().fold(0.0_f64, f64::max);
-    if runs.is_empty() { "-".into() } else { format!("{lo:.0}-{hi:.0}") }
+    if runs.is_empty() {
+        "-".into()
+    } else {
+        format!("{lo:.0}-{hi:.0}")
+    }
 }
 
 pub fn print_tables(report: &BenchReport) {
@@ -148,8 +152,10 @@ pub fn print_tables(report: &BenchReport) {
         .collect();
     if !par.is_empty() {
         println!("\nkey-level parallelism, 1 ms handler (goal: ours/sequential >= 20x):");
-        let header =
-            ["broker", "messages", "aggs", "partitions", "handler ms", "ours msgs/s", "sequential msgs/s", "ratio", "load"];
+        let header = [
+            "broker", "messages", "aggs", "partitions", "handler ms", "ours msgs/s", "sequential msgs/s", "ratio",
+            "load",
+        ];
         print!("{}", render_table(&header, &par));
     }
 }
@@ -175,14 +181,20 @@ pub fn draw_charts(report: &serde_json::Value, dir: &Path) -> Result<Vec<String>
             .iter()
             .filter_map(|b| {
                 let levels = b["levels"].as_array().filter(|l| !l.is_empty())?;
-                let points = levels.iter().filter_map(|l| Some((l["messages"].as_f64()?, l[field].as_f64()?))).collect();
+                let points =
+                    levels.iter().filter_map(|l| Some((l["messages"].as_f64()?, l[field].as_f64()?))).collect();
                 Some(Series { name: b["broker"].as_str().unwrap_or("?").to_string(), points })
             })
             .collect()
     };
     let charts = [
         ("throughput.svg", "End-to-end throughput by pressure level", "events/s", series("throughput_eps")),
-        ("publish_throughput.svg", "Publish throughput by pressure level", "acknowledged publishes/s", series("publish_eps")),
+        (
+            "publish_throughput.svg",
+            "Publish throughput by pressure level",
+            "acknowledged publishes/s",
+            series("publish_eps"),
+        ),
         ("latency_p99.svg", "End-to-end p99 latency by pressure level", "ms", series("latency_p99_ms")),
     ];
     let mut written = Vec::new();
