@@ -30,6 +30,8 @@ pub struct BusConfig {
     /// uncommitted (redelivered later). `None` drains fully.
     #[serde(with = "optional_millis")]
     pub close_timeout: Option<Duration>,
+    /// Observer interval, backlog thresholds and the health check (`docs/health.md`).
+    pub observability: ObservabilityConfig,
 }
 
 mod optional_millis {
@@ -97,7 +99,7 @@ impl BusConfig {
         if self.consumer.commit_interval.is_zero() {
             return invalid("consumer.commit_interval", "must be positive");
         }
-        Ok(())
+        self.observability.validate()
     }
 }
 
@@ -144,7 +146,6 @@ enum ConsumerState {
 pub struct EventBusBuilder<B> {
     broker: B,
     config: BusConfig,
-    observability: ObservabilityConfig,
     callbacks: Callbacks,
 }
 
@@ -161,7 +162,7 @@ impl<B: Broker> EventBusBuilder<B> {
 
     /// Observer interval, backlog thresholds and the health check (`docs/health.md`).
     pub fn observability(mut self, config: ObservabilityConfig) -> Self {
-        self.observability = config;
+        self.config.observability = config;
         self
     }
 
@@ -200,10 +201,9 @@ impl<B: Broker> EventBusBuilder<B> {
     /// Starts the pool, the observer and the health publisher (needs a tokio runtime).
     pub fn build(self) -> Result<EventBus<B>, ConfigError> {
         self.config.validate()?;
-        self.observability.validate()?;
         let pool = Pool::new(self.config.pool.clone());
         let broker = Arc::new(self.broker);
-        let obs = Arc::new(Observed::new(&self.observability));
+        let obs = Arc::new(Observed::new(&self.config.observability));
         // Known from the start, so `health()` right after `build` is accurate.
         let initial = *broker.connection_state().borrow();
         obs.lock().connection = Some(initial);
@@ -215,12 +215,12 @@ impl<B: Broker> EventBusBuilder<B> {
             pool: pool.clone(),
             obs: obs.clone(),
             callbacks: callbacks.clone(),
-            config: self.observability.clone(),
+            config: self.config.observability.clone(),
             group: self.config.consumer.group.clone(),
             initial,
         };
         tasks.push(tokio::spawn(observer.run(stop.subscribe())));
-        let health = &self.observability.health;
+        let health = &self.config.observability.health;
         if health.publish {
             let instance_id = health.instance_id();
             obs.lock().publisher = Some(PublisherStatus {
@@ -248,7 +248,6 @@ impl<B: Broker> EventBusBuilder<B> {
             broker,
             pool,
             config: self.config,
-            observability: self.observability,
             consumer: Mutex::new(ConsumerState::Registered(handlers)),
             obs,
             callbacks,
@@ -265,7 +264,6 @@ pub struct EventBus<B: Broker> {
     broker: Arc<B>,
     pool: Pool,
     config: BusConfig,
-    observability: ObservabilityConfig,
     consumer: Mutex<ConsumerState>,
     obs: Arc<Observed>,
     callbacks: Arc<Callbacks>,
@@ -280,7 +278,6 @@ impl<B: Broker> EventBus<B> {
         EventBusBuilder {
             broker,
             config: BusConfig::default(),
-            observability: ObservabilityConfig::default(),
             callbacks: Callbacks::default(),
         }
     }
@@ -294,7 +291,7 @@ impl<B: Broker> EventBus<B> {
     }
 
     pub fn observability(&self) -> &ObservabilityConfig {
-        &self.observability
+        &self.config.observability
     }
 
     /// Queued / in-flight counts of the global pool.
@@ -441,7 +438,7 @@ impl<B: Broker> EventBus<B> {
         let handle =
             consumer::start(self.broker.clone(), self.pool.clone(), self.config.consumer.clone(), handlers).await?;
         *state = ConsumerState::Running(handle);
-        let health = &self.observability.health;
+        let health = &self.config.observability.health;
         if health.monitor {
             self.obs.lock().monitor = Some(MonitorStatus {
                 healthy: true,

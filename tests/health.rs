@@ -520,6 +520,22 @@ fn configuration_errors_name_the_key() {
     assert_eq!(yaml.backlog.pool.map(|t| t.threshold), Some(3));
 }
 
+/// One bus configuration file holds the observability section too, and its
+/// errors name the full key.
+#[test]
+fn bus_config_file_carries_the_observability_section() {
+    let text = "[consumer]\ngroup = \"billing\"\n[observability]\nobserve_interval = 250\n\
+                [observability.backlog.pool]\nthreshold = 7\n";
+    let config = BusConfig::from_toml(text).unwrap();
+    assert_eq!(config.consumer.group, "billing");
+    assert_eq!(config.observability.observe_interval, Duration::from_millis(250));
+    assert_eq!(config.observability.backlog.pool.map(|t| t.threshold), Some(7));
+    match BusConfig::from_toml("[observability.health]\npublish = true\npublish_interval = 0") {
+        Err(eventbus::bus::ConfigError::Invalid { key, .. }) => assert_eq!(key, "observability.health.publish_interval"),
+        other => panic!("expected the key to be named, got {other:?}"),
+    }
+}
+
 #[test]
 fn close_leaves_no_observer_or_health_task_alive() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

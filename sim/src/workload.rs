@@ -85,6 +85,7 @@ pub fn consumer_bus_config(max_attempts: u32, close_timeout: Option<Duration>) -
             dead_letter_suffix: ".dlq".into(),
         },
         close_timeout,
+        ..BusConfig::default()
     }
 }
 
