@@ -84,6 +84,7 @@ fn bus_config(group: &str) -> BusConfig {
             ..ConsumerConfig::default()
         },
         close_timeout: Some(Duration::from_secs(20)),
+        ..BusConfig::default()
     }
 }
 

@@ -1312,6 +1312,32 @@ struct TopicActor {
     /// When to try re-anchoring again (after a failure).
     reanchor_at: Option<Instant>,
     reanchor_backoff: Duration,
+    /// Confirmed acknowledgements on their way; deliveries go on meanwhile.
+    acking: Option<AckTask>,
+}
+
+/// A batch of acknowledgements being confirmed, in a task of its own so the
+/// actor needs no lock to poll it; aborted if the actor goes away.
+struct AckTask(JoinHandle<AckBatch>);
+
+impl Drop for AckTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl AckTask {
+    async fn join(&mut self) -> Option<AckBatch> {
+        (&mut self.0).await.ok()
+    }
+}
+
+/// The outcome of one batch of confirmed acknowledgements: per stream
+/// sequence, whether the server answered (`Ok(false)`: nobody answers on the
+/// subject any more, its durable generation is gone).
+struct AckBatch {
+    gen: u64,
+    results: Vec<(u64, Result<bool, String>)>,
 }
 
 impl TopicActor {
@@ -1343,6 +1369,7 @@ impl TopicActor {
             connects,
             reanchor_at: None,
             reanchor_backoff: Duration::from_millis(50),
+            acking: None,
         };
         let mut committed = 0;
         let start = match gens.last() {
@@ -1524,7 +1551,7 @@ impl TopicActor {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Commit(next)) => {
                         self.ledger.commit(next);
-                        self.flush_acks().await;
+                        self.start_acks();
                     }
                     Some(Command::Close(done)) => {
                         self.flush_acks().await;
@@ -1546,7 +1573,14 @@ impl TopicActor {
                 }
                 _ = progress.tick() => {
                     self.progress().await;
-                    self.flush_acks().await;
+                    self.start_acks();
+                }
+                batch = async { self.acking.as_mut().expect("guarded").join().await }, if self.acking.is_some() => {
+                    self.acking = None;
+                    if batch.is_some_and(|b| self.finish_acks(b)) {
+                        // Commits that arrived meanwhile.
+                        self.start_acks();
+                    }
                 }
                 item = async { self.messages.as_mut().expect("guarded").next().await }, if self.messages.is_some() => match item {
                     Some(Ok(msg)) => {
@@ -1614,37 +1648,64 @@ impl TopicActor {
         events.send(SessionEvent::Message(delivery)).is_ok()
     }
 
-    /// Acknowledges committed messages with confirmation; failures stay
-    /// queued for the next flush.
+    /// Acknowledges committed messages with confirmation, then returns
+    /// (on close); failures stay queued.
     async fn flush_acks(&mut self) {
-        if self.ledger.to_ack.is_empty() || !self.connected() {
+        if let Some(mut task) = self.acking.take() {
+            if let Some(batch) = task.join().await {
+                self.finish_acks(batch);
+            }
+        }
+        self.start_acks();
+        if let Some(mut task) = self.acking.take() {
+            if let Some(batch) = task.join().await {
+                self.finish_acks(batch);
+            }
+        }
+    }
+
+    /// Starts confirming the acknowledgements of committed messages, unless
+    /// a batch is already on its way (its completion starts the next).
+    fn start_acks(&mut self) {
+        if self.acking.is_some() || self.ledger.to_ack.is_empty() || !self.connected() {
             return;
         }
         let client = self.inner.client.clone();
         let timeout = self.inner.config.ack_timeout;
+        let gen = self.gen;
         let batch: Vec<(u64, Subject)> = self.ledger.to_ack.iter().map(|(s, subj)| (*s, subj.clone())).collect();
-        // `Ok(false)`: nobody answers on the subject any more, its durable
-        // generation is gone (a redelivery by the current one is re-acked).
-        let results: Vec<(u64, Result<bool, String>)> = futures::stream::iter(batch)
-            .map(|(seq, subject)| {
-                let client = client.clone();
-                async move {
-                    let ack: bytes::Bytes = jetstream::AckKind::Ack.into();
-                    let r = match tokio::time::timeout(timeout, client.request(subject, ack)).await {
-                        Ok(Ok(_)) => Ok(true),
-                        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(false),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("ack confirmation timed out".into()),
-                    };
-                    (seq, r)
-                }
-            })
-            .buffer_unordered(128)
-            .collect()
-            .await;
+        self.acking = Some(AckTask(tokio::spawn(async move {
+            let results = futures::stream::iter(batch)
+                .map(|(seq, subject)| {
+                    let client = client.clone();
+                    async move {
+                        let ack: bytes::Bytes = jetstream::AckKind::Ack.into();
+                        let r = match tokio::time::timeout(timeout, client.request(subject, ack)).await {
+                            Ok(Ok(_)) => Ok(true),
+                            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(false),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("ack confirmation timed out".into()),
+                        };
+                        (seq, r)
+                    }
+                })
+                .buffer_unordered(128)
+                .collect()
+                .await;
+            AckBatch { gen, results }
+        })));
+    }
+
+    /// Drops confirmed acknowledgements from the queue; true when every one
+    /// of the batch was confirmed (so more may be started right away).
+    fn finish_acks(&mut self, batch: AckBatch) -> bool {
+        if batch.gen != self.gen {
+            // A new generation voided these handles (`Ledger::new_generation`).
+            return true;
+        }
         let mut failed = 0usize;
         let mut last_error = String::new();
-        for (seq, result) in results {
+        for (seq, result) in batch.results {
             match result {
                 Ok(_) => {
                     self.ledger.to_ack.remove(&seq);
@@ -1658,6 +1719,7 @@ impl TopicActor {
         if failed > 0 {
             tracing::warn!(topic = %self.topic, failed, error = %last_error, "acknowledgements not confirmed; retrying");
         }
+        failed == 0
     }
 
     /// Tells the server that held messages are still being worked on.
