@@ -1,0 +1,324 @@
+//! Helpers shared by the real-broker tests (`tests/kafka.rs`,
+//! `tests/kafka_tansu.rs`, `tests/nats.rs`), generic over the broker: names,
+//! tracing, the bus configuration, completion progress, checked handlers,
+//! publishing, and the seed's scenario.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eventbus::bus::BusConfig;
+use eventbus::checker::OrderChecker;
+use eventbus::consumer::ConsumerConfig;
+use eventbus::pool::{HandlerResult, PoolConfig};
+use eventbus::{Broker, Delivery, Envelope, EventBus, Outbound, Position, TopicPartition};
+use tokio::sync::{mpsc, watch};
+
+/// A topic or group name with a random suffix, so reruns do not collide.
+pub fn unique(prefix: &str) -> String {
+    format!("ebt-{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// Logs to stderr when `RUST_LOG` is set.
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
+/// A large pool, commits every 100 ms, 20 s to close.
+pub fn bus_config(group: &str) -> BusConfig {
+    BusConfig {
+        pool: PoolConfig { concurrency: 64, capacity: 4096, wait_timeout: Duration::from_millis(500) },
+        consumer: ConsumerConfig {
+            group: group.to_string(),
+            commit_interval: Duration::from_millis(100),
+            ..ConsumerConfig::default()
+        },
+        close_timeout: Some(Duration::from_secs(20)),
+    }
+}
+
+pub fn event(agg: &str, version: i64) -> Envelope {
+    Envelope::new(agg, "Updated", version, &serde_json::json!({ "v": version })).unwrap()
+}
+
+/// `env` as a broker message, keyed by `key`.
+pub fn outbound(topic: &str, key: Option<&str>, env: &Envelope) -> Outbound {
+    Outbound {
+        topic: topic.to_string(),
+        key: key.map(|k| k.as_bytes().to_vec()),
+        headers: env.to_headers(),
+        payload: env.encode().unwrap(),
+    }
+}
+
+/// Completions per (aggregate, version), and a watch of how many distinct
+/// ones completed.
+#[derive(Clone)]
+pub struct Progress {
+    done: Arc<Mutex<BTreeMap<(String, i64), u32>>>,
+    tx: Arc<watch::Sender<usize>>,
+}
+
+impl Progress {
+    pub fn new() -> (Progress, watch::Receiver<usize>) {
+        let (tx, rx) = watch::channel(0);
+        (Progress { done: Arc::default(), tx: Arc::new(tx) }, rx)
+    }
+
+    pub fn completed(&self, agg: &str, version: i64) {
+        let n = {
+            let mut done = self.done.lock().unwrap();
+            *done.entry((agg.to_string(), version)).or_default() += 1;
+            done.len()
+        };
+        self.tx.send_replace(n);
+    }
+
+    /// (aggregate, version) handled more than once.
+    pub fn duplicates(&self) -> Vec<(String, i64)> {
+        self.done.lock().unwrap().iter().filter(|(_, n)| **n > 1).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+pub async fn wait_for(rx: &mut watch::Receiver<usize>, target: usize, limit: Duration, what: &str) {
+    let reached = tokio::time::timeout(limit, rx.wait_for(|n| *n >= target)).await.is_ok();
+    assert!(reached, "{what}: only {} of {target} events completed within {limit:?}", *rx.borrow());
+}
+
+/// What a handler run dropped before it completed (its runtime was dropped:
+/// a crash) leaves in the checker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Nothing: the run stays running, so a later start of the aggregate is
+    /// a violation.
+    StaysRunning,
+    /// The run is marked failed.
+    Fails,
+}
+
+/// Marks a handler run as failed in the checker if it is dropped before it
+/// completed.
+struct Running {
+    checker: Option<Arc<OrderChecker>>,
+    agg: String,
+    version: i64,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(checker) = self.checker.take() {
+            checker.fail(&self.agg, self.version);
+        }
+    }
+}
+
+/// An envelope handler that records begin/complete in the checker, with a
+/// little simulated work.
+pub fn checked_handler(
+    checker: Arc<OrderChecker>,
+    progress: Progress,
+    work: Duration,
+    dropped: Dropped,
+) -> impl Fn(Envelope) -> futures::future::BoxFuture<'static, HandlerResult> + Send + Sync + 'static {
+    move |env: Envelope| {
+        let checker = checker.clone();
+        let progress = progress.clone();
+        Box::pin(async move {
+            checker.begin(&env.aggregate_id, env.event_version);
+            let mut running = Running {
+                checker: (dropped == Dropped::Fails).then(|| checker.clone()),
+                agg: env.aggregate_id.clone(),
+                version: env.event_version,
+            };
+            if !work.is_zero() {
+                tokio::time::sleep(work).await; // simulated handler work
+            }
+            running.checker = None;
+            checker.complete(&env.aggregate_id, env.event_version);
+            progress.completed(&env.aggregate_id, env.event_version);
+            Ok(())
+        })
+    }
+}
+
+/// Subscribes `topic` with a handler that sends each envelope to the
+/// returned channel.
+pub async fn envelopes_to_channel<B: Broker>(bus: &EventBus<B>, topic: &str) -> mpsc::UnboundedReceiver<Envelope> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    bus.subscribe_envelope(topic, move |env| {
+        let tx = tx.clone();
+        async move {
+            tx.send(env).unwrap();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    rx
+}
+
+/// Subscribes `topic` with a raw handler that sends each delivery to the
+/// returned channel.
+pub async fn deliveries_to_channel<B: Broker>(bus: &EventBus<B>, topic: &str) -> mpsc::UnboundedReceiver<Delivery> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    bus.subscribe(topic, move |d| {
+        let tx = tx.clone();
+        async move {
+            tx.send(d).unwrap();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    rx
+}
+
+/// The next item of `rx`, failing the test with `what` after `limit`.
+pub async fn recv_within<T>(rx: &mut mpsc::UnboundedReceiver<T>, limit: Duration, what: &str) -> T {
+    tokio::time::timeout(limit, rx.recv()).await.expect(what).unwrap()
+}
+
+/// Aggregates `agg{a}` spread over `topics` (a % topics), as (topic,
+/// aggregate), and each one's last version.
+pub fn spread_aggregates(
+    topics: &[String],
+    aggregates: usize,
+    versions: i64,
+) -> (Vec<(String, String)>, BTreeMap<String, i64>) {
+    let mut expected = BTreeMap::new();
+    let mut out = Vec::new();
+    for a in 0..aggregates {
+        let agg = format!("agg{a}");
+        expected.insert(agg.clone(), versions);
+        out.push((topics[a % topics.len()].clone(), agg));
+    }
+    (out, expected)
+}
+
+/// `aggregates` aggregates `t{t}-agg{a}` on each topic, as (topic,
+/// aggregate), and each one's last version.
+pub fn aggregates_per_topic(
+    topics: &[String],
+    aggregates: usize,
+    versions: i64,
+) -> (Vec<(String, String)>, BTreeMap<String, i64>) {
+    let mut expected = BTreeMap::new();
+    let mut out = Vec::new();
+    for (t, topic) in topics.iter().enumerate() {
+        for a in 0..aggregates {
+            let agg = format!("t{t}-agg{a}");
+            expected.insert(agg.clone(), versions);
+            out.push((topic.clone(), agg));
+        }
+    }
+    (out, expected)
+}
+
+/// Where each (aggregate, version) was published.
+pub type Positions = Arc<Mutex<BTreeMap<(String, i64), (TopicPartition, u64)>>>;
+
+/// Publishes versions `from..=to` of each aggregate (one task per aggregate,
+/// versions in order), retrying a failed publish up to `max_retries` times
+/// per aggregate, recording positions. Returns the retries.
+pub async fn publish_range<B: Broker>(
+    bus: &Arc<EventBus<B>>,
+    aggregates: &[(String, String)],
+    from: i64,
+    to: i64,
+    positions: &Positions,
+    max_retries: usize,
+) -> usize {
+    let mut tasks = Vec::new();
+    for (topic, agg) in aggregates {
+        let (bus, topic, agg, positions) = (bus.clone(), topic.clone(), agg.clone(), positions.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut retries = 0;
+            for v in from..=to {
+                let pos: Position = loop {
+                    match bus.publish_envelope(&topic, &event(&agg, v)).await {
+                        Ok(p) => break p,
+                        Err(e) => {
+                            retries += 1;
+                            assert!(retries <= max_retries, "publish keeps failing: {e}");
+                        }
+                    }
+                };
+                positions
+                    .lock()
+                    .unwrap()
+                    .insert((agg.clone(), v), (TopicPartition::new(topic.as_str(), pos.partition), pos.offset));
+            }
+            retries
+        }));
+    }
+    let mut retries = 0;
+    for t in tasks {
+        retries += t.await.unwrap();
+    }
+    retries
+}
+
+/// The seed's scenario: `aggregates` aggregates on each of `topics`,
+/// versions `1..=versions` each, published concurrently (versions of one
+/// aggregate in order) to a bus with a checked handler on every topic.
+pub struct Seed<'a> {
+    /// Starts the summary line on stderr.
+    pub label: &'a str,
+    pub topics: &'a [String],
+    pub aggregates: usize,
+    pub versions: i64,
+    /// How long all events may take to complete.
+    pub limit: Duration,
+    /// Publish retries allowed per aggregate.
+    pub max_publish_retries: usize,
+    pub dropped: Dropped,
+}
+
+impl Seed<'_> {
+    /// Runs the scenario on `bus` (not started; the topics exist as far as
+    /// the broker needs) and closes it. Asserts every event was handled once,
+    /// in order, and the final commit succeeded. Returns each event's
+    /// position.
+    pub async fn run<B: Broker>(&self, bus: EventBus<B>) -> BTreeMap<(String, i64), (TopicPartition, u64)> {
+        let started = Instant::now();
+        let bus = Arc::new(bus);
+        let checker = Arc::new(OrderChecker::new());
+        let (progress, mut done) = Progress::new();
+        for topic in self.topics {
+            let handler = checked_handler(checker.clone(), progress.clone(), Duration::from_micros(300), self.dropped);
+            bus.subscribe_envelope(topic, handler).await.unwrap();
+        }
+        bus.start().await.unwrap();
+
+        let (aggregates, expected) = aggregates_per_topic(self.topics, self.aggregates, self.versions);
+        let positions = Positions::default();
+        publish_range(&bus, &aggregates, 1, self.versions, &positions, self.max_publish_retries).await;
+        let total = self.topics.len() * self.aggregates * self.versions as usize;
+        wait_for(&mut done, total, self.limit, "seed scenario").await;
+        let stats = bus.consumer_stats().await.unwrap();
+        let report = bus.close().await;
+        let r = checker.report(&expected);
+        eprintln!(
+            "{}: sent {total}, handled {}, duplicates {}, violations {}, missing {}, redelivered {}, in {:?}",
+            self.label,
+            r.handled,
+            r.duplicates,
+            r.violations,
+            r.missing,
+            stats.redelivered_skipped.load(Ordering::Relaxed),
+            started.elapsed()
+        );
+        assert!(r.is_clean(), "{r:?}");
+        assert_eq!(r.handled, total as u64);
+        assert_eq!(r.duplicates, 0, "no faults, so no duplicates");
+        assert_eq!(report.final_commit_error, None);
+        let positions = positions.lock().unwrap().clone();
+        positions
+    }
+}
