@@ -12,7 +12,7 @@
 mod common;
 
 use common::scenario::{
-    checked_handler, deliveries_to_channel, envelopes_to_channel, event, init_tracing, publish_range, recv_within,
+    checked_handler, envelopes_to_channel, event, init_tracing, publish_range, recv_within, started_with_channels,
     spread_aggregates, unique, wait_for, Dropped, Positions, Progress, Seed,
 };
 
@@ -337,10 +337,7 @@ async fn round_trip_through_the_bus() {
     assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "kafka.topic"), "{err:?}");
 
     let admin = broker.clone();
-    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
-    let mut env_rx = envelopes_to_channel(&bus, &topic).await;
-    let mut raw_rx = deliveries_to_channel(&bus, &raw_topic).await;
-    bus.start().await.unwrap();
+    let (bus, mut env_rx, mut raw_rx) = started_with_channels(broker, bus_config(&group), &topic, &raw_topic).await;
 
     let env = event("order-1", 1).with_trace_id("trace-1");
     let first = bus.publish_envelope(&topic, &env).await.unwrap();

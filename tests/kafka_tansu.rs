@@ -14,17 +14,14 @@
 
 mod common;
 
-use common::crash_child::{self, publish_all, replay, spawn_consumer, temp_path};
-use common::scenario::{
-    bus_config, deliveries_to_channel, envelopes_to_channel, event, init_tracing, recv_within, unique, Dropped, Seed,
-};
+use common::crash_child::{self, publish_all, Crash};
+use common::scenario::{bus_config, event, init_tracing, recv_within, started_with_channels, unique, Dropped, Seed};
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use eventbus::broker::kafka::{KafkaBroker, KafkaConfig};
-use eventbus::checker::OrderChecker;
 use eventbus::{Broker, EventBus, TopicPartition};
 
 const BROKERS_ENV: &str = "EVENTBUS_KAFKA_BROKERS";
@@ -119,10 +116,7 @@ async fn round_trip_through_the_bus() {
     broker.ensure_topic(&raw_topic, 1).await.unwrap();
 
     let admin = broker.clone();
-    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
-    let mut env_rx = envelopes_to_channel(&bus, &topic).await;
-    let mut raw_rx = deliveries_to_channel(&bus, &raw_topic).await;
-    bus.start().await.unwrap();
+    let (bus, mut env_rx, mut raw_rx) = started_with_channels(broker, bus_config(&group), &topic, &raw_topic).await;
 
     let env = event("order-1", 1).with_trace_id("trace-1");
     let first = bus.publish_envelope(&topic, &env).await.unwrap();
@@ -219,20 +213,13 @@ async fn consumer_process_killed_and_restarted_resumes_from_the_committed_fronti
     let tps: Vec<TopicPartition> =
         topics.iter().flat_map(|t| (0..3).map(move |p| TopicPartition::new(t.as_str(), p))).collect();
 
-    // First run: SIGKILL after a third of the events completed.
-    let log1 = temp_path("eventbus-kafka-crash-1");
-    spawn_consumer(CHILD_ENV, &brokers, &group, &topics, &log1).kill_after(total / 3).await;
-    // Nothing commits for the group until the second process starts.
-    let committed = broker.committed_offsets(&group, &tps).await.unwrap();
-
-    // Second run until every event completed in one of the runs.
-    let checker = OrderChecker::new();
-    let run1 = replay(&log1, &checker);
-    let log2 = temp_path("eventbus-kafka-crash-2");
-    spawn_consumer(CHILD_ENV, &brokers, &group, &topics, &log2).finish(run1.completed_events(), total).await;
-
-    let run2 = replay(&log2, &checker);
-    let r = checker.report(&expected);
+    // First run: SIGKILL after a third of the events completed. Nothing
+    // commits for the group until the second process starts.
+    let crash =
+        Crash { child_env: CHILD_ENV, address: &brokers, group: &group, topics: &topics, logs: "eventbus-kafka-crash" };
+    let (committed, runs) =
+        crash.run(total, &expected, async || broker.committed_offsets(&group, &tps).await.unwrap()).await;
+    let (run1, run2, r) = (&runs.first, &runs.second, &runs.report);
     // The second process started each partition at the committed frontier:
     // it re-handled nothing below it, and everything it re-handled is above.
     let mut below = Vec::new();
@@ -243,7 +230,7 @@ async fn consumer_process_killed_and_restarted_resumes_from_the_committed_fronti
             below.push((tp.clone(), *offset, frontier));
         }
     }
-    let again = run2.rehandled(&run1);
+    let again = run2.rehandled(run1);
     let frontier_total: u64 = committed.values().map(|c| c.unwrap_or(0)).sum();
     eprintln!(
         "tansu crash scenario: sent {total}, handled {} (first run {}, second run {}), duplicates {} (re-handled \
@@ -263,6 +250,5 @@ async fn consumer_process_killed_and_restarted_resumes_from_the_committed_fronti
     // Every re-handled event lies at or above the frontier (checked above);
     // the second process committed everything when it closed.
     assert_all_committed(&broker, &group, &last_offsets(position.values())).await;
-    let _ = std::fs::remove_file(&log1);
-    let _ = std::fs::remove_file(&log2);
+    runs.remove_logs();
 }

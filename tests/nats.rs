@@ -15,10 +15,10 @@
 
 mod common;
 
-use common::crash_child::{self, publish_all, replay, spawn_consumer, temp_path};
+use common::crash_child::{self, publish_all, temp_path, Crash};
 use common::scenario::{
-    bus_config, checked_handler, deliveries_to_channel, envelopes_to_channel, event, init_tracing, outbound,
-    recv_within, unique, wait_for, Dropped, Progress, Seed,
+    bus_config, checked_handler, envelopes_to_channel, event, init_tracing, outbound, recv_within,
+    started_with_channels, unique, wait_for, Dropped, Progress, Seed,
 };
 
 use std::collections::BTreeMap;
@@ -80,11 +80,7 @@ async fn round_trip_through_the_bus() {
     let group = unique("g");
     let broker = connect(nats_config(&nats_url())).await;
     let admin = broker.clone();
-    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
-
-    let mut env_rx = envelopes_to_channel(&bus, &topic).await;
-    let mut raw_rx = deliveries_to_channel(&bus, &raw_topic).await;
-    bus.start().await.unwrap();
+    let (bus, mut env_rx, mut raw_rx) = started_with_channels(broker, bus_config(&group), &topic, &raw_topic).await;
 
     let env = event("order-1", 1).with_trace_id("trace-1");
     let first = bus.publish_envelope(&topic, &env).await.unwrap();
@@ -389,22 +385,20 @@ async fn consumer_process_killed_and_restarted_loses_nothing_and_keeps_order() {
     let seq_of: BTreeMap<_, u64> = published.into_iter().map(|(k, pos)| (k, pos.offset)).collect();
     let total = seq_of.len();
 
-    // First run: SIGKILL after a third of the events completed.
-    let log1 = temp_path("eventbus-nats-crash-1");
-    spawn_consumer(CHILD_ENV, &url, &group, &topics, &log1).kill_after(total / 3).await;
-    let mut floors = BTreeMap::new();
-    for topic in &topics {
-        floors.insert(topic.clone(), broker.ack_floor(&group, topic).await.unwrap().unwrap_or(0));
-    }
-
-    // Second run until every event completed in one of the runs.
-    let checker = OrderChecker::new();
-    let run1 = replay(&log1, &checker);
-    let log2 = temp_path("eventbus-nats-crash-2");
-    spawn_consumer(CHILD_ENV, &url, &group, &topics, &log2).finish(run1.completed_events(), total).await;
-
-    let run2 = replay(&log2, &checker);
-    let r = checker.report(&expected);
+    // First run: SIGKILL after a third of the events completed; then the
+    // ack floors it left.
+    let crash =
+        Crash { child_env: CHILD_ENV, address: &url, group: &group, topics: &topics, logs: "eventbus-nats-crash" };
+    let (floors, runs) = crash
+        .run(total, &expected, async || {
+            let mut floors = BTreeMap::new();
+            for topic in &topics {
+                floors.insert(topic.clone(), broker.ack_floor(&group, topic).await.unwrap().unwrap_or(0));
+            }
+            floors
+        })
+        .await;
+    let (run1, run2, r) = (&runs.first, &runs.second, &runs.report);
     // Duplicates: events of the first run handled again; all above the floor.
     let mut below_floor = Vec::new();
     for (topic, agg, v) in &run2.began {
@@ -413,7 +407,7 @@ async fn consumer_process_killed_and_restarted_loses_nothing_and_keeps_order() {
             below_floor.push((topic.clone(), agg.clone(), *v, seq));
         }
     }
-    let again = run2.rehandled(&run1);
+    let again = run2.rehandled(run1);
     eprintln!(
         "crash scenario: sent {total}, handled {} (first run {}, second run {}), duplicates {} (re-handled {again}), \
          violations {}, missing {}, ack floors at kill {floors:?}, in {:?}",
@@ -431,8 +425,7 @@ async fn consumer_process_killed_and_restarted_loses_nothing_and_keeps_order() {
         below_floor.is_empty(),
         "the restarted process re-handled events at or below the ack floor: {below_floor:?}"
     );
-    let _ = std::fs::remove_file(&log1);
-    let _ = std::fs::remove_file(&log2);
+    runs.remove_logs();
     cleanup(&broker, &topics).await;
 }
 

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus::checker::OrderChecker;
+use eventbus::checker::{OrderChecker, OrderReport};
 use eventbus::{Broker, Envelope, EventBus, Position};
 use tokio::sync::mpsc;
 
@@ -248,6 +248,61 @@ impl LogReplay {
     /// How many events completed here had completed in `earlier`.
     pub fn rehandled(&self, earlier: &LogReplay) -> usize {
         self.completed.keys().filter(|k| earlier.completed.contains_key(k)).count()
+    }
+}
+
+/// A consumer process killed with SIGKILL and restarted (see [`Crash::run`]).
+pub struct Crash<'a> {
+    /// The variable that puts the test binary in child mode.
+    pub child_env: &'a str,
+    /// The broker address passed to the child as `CHILD_ADDRESS`.
+    pub address: &'a str,
+    pub group: &'a str,
+    pub topics: &'a [String],
+    /// Starts the names of the two runs' temporary logs.
+    pub logs: &'a str,
+}
+
+/// The two runs of a [`Crash`], their logs replayed in order into one checker.
+pub struct CrashRuns {
+    pub first: LogReplay,
+    pub second: LogReplay,
+    /// The checker's report against the expected last versions.
+    pub report: OrderReport,
+    logs: [PathBuf; 2],
+}
+
+impl CrashRuns {
+    pub fn remove_logs(&self) {
+        for log in &self.logs {
+            let _ = std::fs::remove_file(log);
+        }
+    }
+}
+
+impl Crash<'_> {
+    /// First run: SIGKILL after a third of the `total` published events
+    /// completed; then `at_kill`; then a second run until every event
+    /// completed in one of the runs, closed cleanly. Returns what `at_kill`
+    /// returned, and the runs checked against `expected`.
+    pub async fn run<T>(
+        &self,
+        total: usize,
+        expected: &BTreeMap<String, i64>,
+        at_kill: impl AsyncFnOnce() -> T,
+    ) -> (T, CrashRuns) {
+        let spawn = |log: &Path| spawn_consumer(self.child_env, self.address, self.group, self.topics, log);
+        let log1 = temp_path(&format!("{}-1", self.logs));
+        spawn(&log1).kill_after(total / 3).await;
+        let at_kill = at_kill().await;
+
+        let checker = OrderChecker::new();
+        let first = replay(&log1, &checker);
+        let log2 = temp_path(&format!("{}-2", self.logs));
+        spawn(&log2).finish(first.completed_events(), total).await;
+        let second = replay(&log2, &checker);
+        let report = checker.report(expected);
+        (at_kill, CrashRuns { first, second, report, logs: [log1, log2] })
     }
 }
 

@@ -147,19 +147,21 @@ pub fn checked_handler(
     }
 }
 
+/// A handler that sends what it is given to `tx`.
+fn forward<T: Send + 'static>(
+    tx: mpsc::UnboundedSender<T>,
+) -> impl Fn(T) -> std::future::Ready<HandlerResult> + Send + Sync + 'static {
+    move |item| {
+        tx.send(item).unwrap();
+        std::future::ready(Ok(()))
+    }
+}
+
 /// Subscribes `topic` with a handler that sends each envelope to the
 /// returned channel.
 pub async fn envelopes_to_channel<B: Broker>(bus: &EventBus<B>, topic: &str) -> mpsc::UnboundedReceiver<Envelope> {
     let (tx, rx) = mpsc::unbounded_channel();
-    bus.subscribe_envelope(topic, move |env| {
-        let tx = tx.clone();
-        async move {
-            tx.send(env).unwrap();
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
+    bus.subscribe_envelope(topic, forward(tx)).await.unwrap();
     rx
 }
 
@@ -167,16 +169,23 @@ pub async fn envelopes_to_channel<B: Broker>(bus: &EventBus<B>, topic: &str) -> 
 /// returned channel.
 pub async fn deliveries_to_channel<B: Broker>(bus: &EventBus<B>, topic: &str) -> mpsc::UnboundedReceiver<Delivery> {
     let (tx, rx) = mpsc::unbounded_channel();
-    bus.subscribe(topic, move |d| {
-        let tx = tx.clone();
-        async move {
-            tx.send(d).unwrap();
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
+    bus.subscribe(topic, forward(tx)).await.unwrap();
     rx
+}
+
+/// A started bus on `broker` with the envelopes of `topic` and the raw
+/// deliveries of `raw_topic` sent to the returned channels.
+pub async fn started_with_channels<B: Broker>(
+    broker: B,
+    config: BusConfig,
+    topic: &str,
+    raw_topic: &str,
+) -> (EventBus<B>, mpsc::UnboundedReceiver<Envelope>, mpsc::UnboundedReceiver<Delivery>) {
+    let bus = EventBus::builder(broker).config(config).build().unwrap();
+    let env_rx = envelopes_to_channel(&bus, topic).await;
+    let raw_rx = deliveries_to_channel(&bus, raw_topic).await;
+    bus.start().await.unwrap();
+    (bus, env_rx, raw_rx)
 }
 
 /// The next item of `rx`, failing the test with `what` after `limit`.
