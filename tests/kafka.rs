@@ -12,8 +12,8 @@
 mod common;
 
 use common::scenario::{
-    checked_handler, envelopes_to_channel, event, init_tracing, publish_range, recv_within, started_with_channels,
-    spread_aggregates, unique, wait_for, Dropped, Positions, Progress, Seed,
+    checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, publish_range, recv_within,
+    spread_aggregates, started_with_channels, unique, wait_for, Dropped, Positions, Progress, Seed,
 };
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -364,18 +364,9 @@ async fn round_trip_through_the_bus() {
     let age = d.timestamp.expect("timestamp").elapsed().unwrap_or_default();
     assert!(age < Duration::from_secs(60), "timestamp is the produce time ({age:?} ago)");
 
-    // Subscribing after start adds the topic to the running session.
-    let mut late_rx = envelopes_to_channel(&bus, &late_topic).await;
-    let late = event("order-2", 1);
-    let late_pos = bus.publish_envelope(&late_topic, &late).await.unwrap();
-    let got = recv_within(&mut late_rx, Duration::from_secs(20), "late topic delivered").await;
-    assert_eq!(got, late);
+    let late_pos = late_subscription_delivers(&bus, &late_topic, Duration::from_secs(20)).await;
 
-    let stats = bus.consumer_stats().await.unwrap();
-    let report = bus.close().await;
-    assert_eq!(report.final_commit_error, None);
-    assert_eq!(stats.delivered.load(Ordering::Relaxed), 3);
-    assert_eq!(stats.redelivered_skipped.load(Ordering::Relaxed), 0);
+    close_cleanly(bus, 3).await;
     // The final commits, read back by a separate consumer of the group.
     let tps = [
         TopicPartition::new(topic.as_str(), first.partition),

@@ -17,8 +17,8 @@ mod common;
 
 use common::crash_child::{self, publish_all, temp_path, Crash};
 use common::scenario::{
-    bus_config, checked_handler, envelopes_to_channel, event, init_tracing, outbound, recv_within,
-    started_with_channels, unique, wait_for, Dropped, Progress, Seed,
+    bus_config, checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, outbound,
+    recv_within, started_with_channels, unique, wait_for, Dropped, Progress, Seed,
 };
 
 use std::collections::BTreeMap;
@@ -104,19 +104,10 @@ async fn round_trip_through_the_bus() {
     assert_eq!(header("X-Multi"), Some(b"a b".to_vec()), "multi-line header values become one line");
     assert!(d.timestamp.is_some());
 
-    // Subscribing after start adds the topic to the running session.
     let late_topic = unique("rt-late");
-    let mut late_rx = envelopes_to_channel(&bus, &late_topic).await;
-    let late = event("order-2", 1);
-    bus.publish_envelope(&late_topic, &late).await.unwrap();
-    let got = recv_within(&mut late_rx, Duration::from_secs(10), "late topic delivered").await;
-    assert_eq!(got, late);
+    late_subscription_delivers(&bus, &late_topic, Duration::from_secs(10)).await;
 
-    let stats = bus.consumer_stats().await.unwrap();
-    let report = bus.close().await;
-    assert_eq!(report.final_commit_error, None);
-    assert_eq!(stats.delivered.load(Ordering::Relaxed), 3);
-    assert_eq!(stats.redelivered_skipped.load(Ordering::Relaxed), 0);
+    close_cleanly(bus, 3).await;
     // The final commit acknowledged both, with confirmation.
     assert_eq!(admin.ack_floor(&group, &topic).await.unwrap(), Some(first.offset));
     assert_eq!(admin.ack_floor(&group, &raw_topic).await.unwrap(), Some(pos.offset));
@@ -398,29 +389,15 @@ async fn consumer_process_killed_and_restarted_loses_nothing_and_keeps_order() {
             floors
         })
         .await;
-    let (run1, run2, r) = (&runs.first, &runs.second, &runs.report);
     // Duplicates: events of the first run handled again; all above the floor.
     let mut below_floor = Vec::new();
-    for (topic, agg, v) in &run2.began {
+    for (topic, agg, v) in &runs.second.began {
         let seq = seq_of[&(topic.clone(), agg.clone(), *v)];
         if seq <= floors[topic] {
             below_floor.push((topic.clone(), agg.clone(), *v, seq));
         }
     }
-    let again = run2.rehandled(run1);
-    eprintln!(
-        "crash scenario: sent {total}, handled {} (first run {}, second run {}), duplicates {} (re-handled {again}), \
-         violations {}, missing {}, ack floors at kill {floors:?}, in {:?}",
-        r.handled,
-        run1.completed.len(),
-        run2.completed.len(),
-        r.duplicates,
-        r.violations,
-        r.missing,
-        started.elapsed()
-    );
-    assert!(r.is_clean(), "{r:?}");
-    assert_eq!(r.handled, total as u64);
+    runs.check("nats crash scenario", total, &format!("ack floors at kill {floors:?}"), started);
     assert!(
         below_floor.is_empty(),
         "the restarted process re-handled events at or below the ack floor: {below_floor:?}"

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eventbus::checker::{OrderChecker, OrderReport};
 use eventbus::{Broker, Envelope, EventBus, Position};
@@ -273,6 +273,26 @@ pub struct CrashRuns {
 }
 
 impl CrashRuns {
+    /// Prints a summary (`label`, then `at_kill`) and asserts that every
+    /// one of the `total` events was handled, in order.
+    pub fn check(&self, label: &str, total: usize, at_kill: &str, started: Instant) {
+        let r = &self.report;
+        eprintln!(
+            "{label}: sent {total}, handled {} (first run {}, second run {}), duplicates {} (re-handled {}), \
+             violations {}, missing {}, {at_kill}, in {:?}",
+            r.handled,
+            self.first.completed.len(),
+            self.second.completed.len(),
+            r.duplicates,
+            self.second.rehandled(&self.first),
+            r.violations,
+            r.missing,
+            started.elapsed()
+        );
+        assert!(r.is_clean(), "{r:?}");
+        assert_eq!(r.handled, total as u64);
+    }
+
     pub fn remove_logs(&self) {
         for log in &self.logs {
             let _ = std::fs::remove_file(log);

@@ -188,6 +188,27 @@ pub async fn started_with_channels<B: Broker>(
     (bus, env_rx, raw_rx)
 }
 
+/// Subscribing after start adds `late_topic` to the running session: an
+/// event published to it is delivered within `limit`. Returns its position.
+pub async fn late_subscription_delivers<B: Broker>(bus: &EventBus<B>, late_topic: &str, limit: Duration) -> Position {
+    let mut late_rx = envelopes_to_channel(bus, late_topic).await;
+    let late = event("order-2", 1);
+    let late_pos = bus.publish_envelope(late_topic, &late).await.unwrap();
+    let got = recv_within(&mut late_rx, limit, "late topic delivered").await;
+    assert_eq!(got, late);
+    late_pos
+}
+
+/// Closes `bus`: the final commit succeeded, and the consumer delivered
+/// `delivered` messages and skipped no redelivery.
+pub async fn close_cleanly<B: Broker>(bus: EventBus<B>, delivered: u64) {
+    let stats = bus.consumer_stats().await.unwrap();
+    let report = bus.close().await;
+    assert_eq!(report.final_commit_error, None);
+    assert_eq!(stats.delivered.load(Ordering::Relaxed), delivered);
+    assert_eq!(stats.redelivered_skipped.load(Ordering::Relaxed), 0);
+}
+
 /// The next item of `rx`, failing the test with `what` after `limit`.
 pub async fn recv_within<T>(rx: &mut mpsc::UnboundedReceiver<T>, limit: Duration, what: &str) -> T {
     tokio::time::timeout(limit, rx.recv()).await.expect(what).unwrap()
@@ -200,14 +221,7 @@ pub fn spread_aggregates(
     aggregates: usize,
     versions: i64,
 ) -> (Vec<(String, String)>, BTreeMap<String, i64>) {
-    let mut expected = BTreeMap::new();
-    let mut out = Vec::new();
-    for a in 0..aggregates {
-        let agg = format!("agg{a}");
-        expected.insert(agg.clone(), versions);
-        out.push((topics[a % topics.len()].clone(), agg));
-    }
-    (out, expected)
+    with_last_version((0..aggregates).map(|a| (topics[a % topics.len()].clone(), format!("agg{a}"))), versions)
 }
 
 /// `aggregates` aggregates `t{t}-agg{a}` on each topic, as (topic,
@@ -217,16 +231,20 @@ pub fn aggregates_per_topic(
     aggregates: usize,
     versions: i64,
 ) -> (Vec<(String, String)>, BTreeMap<String, i64>) {
-    let mut expected = BTreeMap::new();
-    let mut out = Vec::new();
-    for (t, topic) in topics.iter().enumerate() {
-        for a in 0..aggregates {
-            let agg = format!("t{t}-agg{a}");
-            expected.insert(agg.clone(), versions);
-            out.push((topic.clone(), agg));
-        }
-    }
-    (out, expected)
+    let pairs = topics
+        .iter()
+        .enumerate()
+        .flat_map(|(t, topic)| (0..aggregates).map(move |a| (topic.clone(), format!("t{t}-agg{a}"))));
+    with_last_version(pairs, versions)
+}
+
+fn with_last_version(
+    pairs: impl Iterator<Item = (String, String)>,
+    versions: i64,
+) -> (Vec<(String, String)>, BTreeMap<String, i64>) {
+    let pairs: Vec<(String, String)> = pairs.collect();
+    let expected = pairs.iter().map(|(_, agg)| (agg.clone(), versions)).collect();
+    (pairs, expected)
 }
 
 /// Where each (aggregate, version) was published.
