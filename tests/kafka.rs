@@ -9,6 +9,13 @@
 //! CreateTopics admin API, so topics are created through the mock's own API
 //! (`ensure_topic` then finds them); `tests/kafka_tansu.rs` covers creation.
 
+mod common;
+
+use common::scenario::{
+    checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, publish_range, recv_within,
+    spread_aggregates, started_with_channels, unique, wait_for, Dropped, Positions, Progress, Seed,
+};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -17,12 +24,11 @@ use std::time::{Duration, Instant};
 use eventbus::broker::kafka::{KafkaBroker, KafkaConfig, KafkaSession, RebalanceStrategy};
 use eventbus::bus::BusConfig;
 use eventbus::checker::OrderChecker;
-use eventbus::consumer::ConsumerConfig;
 use eventbus::pool::PoolConfig;
 use eventbus::{Broker, BrokerError, Envelope, EventBus, Outbound, Position, Session, SessionEvent, TopicPartition};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 // ---------------------------------------------------------------------------
 // The mock cluster.
@@ -65,20 +71,6 @@ impl Mock {
 // ---------------------------------------------------------------------------
 // Helpers.
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
-}
-
-/// Logs to stderr when `RUST_LOG` is set.
-fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-}
-
 /// Short group timings: the mock rebalances `session_timeout - 1 s` after a
 /// member joins or leaves.
 fn kafka_config(servers: &str) -> KafkaConfig {
@@ -102,143 +94,35 @@ fn kafka_config(servers: &str) -> KafkaConfig {
     }
 }
 
+/// The shared bus configuration, committing every 50 ms, with 5 s for a
+/// revoked partition's work.
 fn bus_config(group: &str) -> BusConfig {
-    BusConfig {
-        pool: PoolConfig { concurrency: 64, capacity: 4096, wait_timeout: Duration::from_millis(500) },
-        consumer: ConsumerConfig {
-            group: group.to_string(),
-            commit_interval: Duration::from_millis(50),
-            revoke_timeout: Duration::from_secs(5),
-            ..ConsumerConfig::default()
-        },
-        close_timeout: Some(Duration::from_secs(20)),
-        ..BusConfig::default()
-    }
+    let mut config = common::scenario::bus_config(group);
+    config.consumer.commit_interval = Duration::from_millis(50);
+    config.consumer.revoke_timeout = Duration::from_secs(5);
+    config
 }
 
-fn event(agg: &str, version: i64) -> Envelope {
-    Envelope::new(agg, "Updated", version, &serde_json::json!({ "v": version })).unwrap()
-}
-
-/// Completions per (aggregate, version), and a watch of how many distinct
-/// ones completed.
-#[derive(Clone)]
-struct Progress {
-    done: Arc<Mutex<BTreeMap<(String, i64), u32>>>,
-    tx: Arc<watch::Sender<usize>>,
-}
-
-impl Progress {
-    fn new() -> (Progress, watch::Receiver<usize>) {
-        let (tx, rx) = watch::channel(0);
-        (Progress { done: Arc::default(), tx: Arc::new(tx) }, rx)
-    }
-
-    fn completed(&self, agg: &str, version: i64) {
-        let n = {
-            let mut done = self.done.lock().unwrap();
-            *done.entry((agg.to_string(), version)).or_default() += 1;
-            done.len()
-        };
-        self.tx.send_replace(n);
-    }
-
-    /// (aggregate, version) handled more than once.
-    fn duplicates(&self) -> Vec<(String, i64)> {
-        self.done.lock().unwrap().iter().filter(|(_, n)| **n > 1).map(|(k, _)| k.clone()).collect()
-    }
-}
-
-async fn wait_for(rx: &mut watch::Receiver<usize>, target: usize, limit: Duration, what: &str) {
-    let reached = tokio::time::timeout(limit, rx.wait_for(|n| *n >= target)).await.is_ok();
-    assert!(reached, "{what}: only {} of {target} events completed within {limit:?}", *rx.borrow());
-}
-
-/// Marks a handler run as failed in the checker if it is dropped before it
-/// completed (its runtime was dropped: a crash).
-struct Running {
-    checker: Arc<OrderChecker>,
-    agg: String,
-    version: i64,
-    finished: bool,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.checker.fail(&self.agg, self.version);
-        }
-    }
-}
-
-/// An envelope handler that records begin/complete in the checker, with a
-/// little simulated work.
-fn checked_handler(
-    checker: Arc<OrderChecker>,
-    progress: Progress,
+/// The handler of these tests: a run dropped with its runtime (a crash) is
+/// marked failed in the checker.
+fn handler(
+    checker: &Arc<OrderChecker>,
+    progress: &Progress,
     work: Duration,
 ) -> impl Fn(Envelope) -> futures::future::BoxFuture<'static, eventbus::pool::HandlerResult> + Send + Sync + 'static {
-    move |env: Envelope| {
-        let checker = checker.clone();
-        let progress = progress.clone();
-        Box::pin(async move {
-            checker.begin(&env.aggregate_id, env.event_version);
-            let mut running = Running {
-                checker: checker.clone(),
-                agg: env.aggregate_id.clone(),
-                version: env.event_version,
-                finished: false,
-            };
-            if !work.is_zero() {
-                tokio::time::sleep(work).await; // simulated handler work
-            }
-            running.finished = true;
-            checker.complete(&env.aggregate_id, env.event_version);
-            progress.completed(&env.aggregate_id, env.event_version);
-            Ok(())
-        })
-    }
+    checked_handler(checker.clone(), progress.clone(), work, Dropped::Fails)
 }
 
-type Positions = Arc<Mutex<BTreeMap<(String, i64), (TopicPartition, u64)>>>;
-
-/// Publishes versions `from..=to` of each aggregate (one task per aggregate,
-/// versions in order), retrying failed publishes, recording positions.
-async fn publish_range<B: Broker>(
+/// Publishes versions `from..=to` of each aggregate, retrying a failed
+/// publish up to 99 times per aggregate. Returns the retries.
+async fn publish<B: Broker>(
     bus: &Arc<EventBus<B>>,
     aggregates: &[(String, String)],
     from: i64,
     to: i64,
     positions: &Positions,
 ) -> usize {
-    let mut tasks = Vec::new();
-    for (topic, agg) in aggregates {
-        let (bus, topic, agg, positions) = (bus.clone(), topic.clone(), agg.clone(), positions.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut retries = 0;
-            for v in from..=to {
-                let pos: Position = loop {
-                    match bus.publish_envelope(&topic, &event(&agg, v)).await {
-                        Ok(p) => break p,
-                        Err(e) => {
-                            retries += 1;
-                            assert!(retries < 100, "publish keeps failing: {e}");
-                        }
-                    }
-                };
-                positions
-                    .lock()
-                    .unwrap()
-                    .insert((agg.clone(), v), (TopicPartition::new(topic.as_str(), pos.partition), pos.offset));
-            }
-            retries
-        }));
-    }
-    let mut retries = 0;
-    for t in tasks {
-        retries += t.await.unwrap();
-    }
-    retries
+    publish_range(bus, aggregates, from, to, positions, 99).await
 }
 
 /// Asserts that the group committed everything: each partition's committed
@@ -268,6 +152,34 @@ struct Ledger {
     below_commit: Vec<(TopicPartition, u64, u64)>,
     /// Assignments whose first message was checked.
     starts_checked: u64,
+}
+
+impl Ledger {
+    /// How the group's assignments started so far.
+    fn starts(ledger: &Mutex<Ledger>) -> Starts {
+        let l = ledger.lock().unwrap();
+        Starts { below_commit: l.below_commit.clone(), checked: l.starts_checked }
+    }
+}
+
+/// How the assignments of a group started, from the [`Ledger`].
+struct Starts {
+    below_commit: Vec<(TopicPartition, u64, u64)>,
+    checked: u64,
+}
+
+impl Starts {
+    /// Assignments resumed at or above the group's last commit.
+    fn at_or_above(&self) -> u64 {
+        self.checked - self.below_commit.len() as u64
+    }
+
+    /// Every assignment checked started at (not below) the group's last
+    /// commit of its partition, and there was at least one.
+    fn assert_none_below(&self) {
+        assert!(self.below_commit.is_empty(), "resumed below the last commit: {:?}", self.below_commit);
+        assert!(self.checked >= 1);
+    }
 }
 
 /// What one member did.
@@ -425,35 +337,14 @@ async fn round_trip_through_the_bus() {
     assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "kafka.topic"), "{err:?}");
 
     let admin = broker.clone();
-    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
-    let (env_tx, mut env_rx) = mpsc::unbounded_channel();
-    bus.subscribe_envelope(&topic, move |env| {
-        let tx = env_tx.clone();
-        async move {
-            tx.send(env).unwrap();
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
-    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
-    bus.subscribe(&raw_topic, move |d| {
-        let tx = raw_tx.clone();
-        async move {
-            tx.send(d).unwrap();
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
-    bus.start().await.unwrap();
+    let (bus, mut env_rx, mut raw_rx) = started_with_channels(broker, bus_config(&group), &topic, &raw_topic).await;
 
     let env = event("order-1", 1).with_trace_id("trace-1");
     let first = bus.publish_envelope(&topic, &env).await.unwrap();
     assert!(!first.duplicate);
     // Keys are partitioned with murmur2, like the Java client and the memory broker.
     assert_eq!(first.partition, eventbus::broker::memory::partition_for_key(b"order-1", 3));
-    let got = tokio::time::timeout(Duration::from_secs(20), env_rx.recv()).await.expect("envelope delivered").unwrap();
+    let got = recv_within(&mut env_rx, Duration::from_secs(20), "envelope delivered").await;
     assert_eq!(got, env);
 
     // Raw bytes: binary key, binary and repeated headers, in order.
@@ -464,7 +355,7 @@ async fn round_trip_through_the_bus() {
     ];
     let key = b"key-\x01\xff".to_vec();
     let pos = bus.publish(&raw_topic, Some(&key), headers.clone(), b"hello".to_vec()).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(20), raw_rx.recv()).await.expect("raw delivered").unwrap();
+    let d = recv_within(&mut raw_rx, Duration::from_secs(20), "raw delivered").await;
     assert_eq!((d.partition, d.offset, d.attempt), (pos.partition, pos.offset, 1));
     assert_eq!(&*d.topic, raw_topic.as_str());
     assert_eq!(d.payload, b"hello");
@@ -473,28 +364,9 @@ async fn round_trip_through_the_bus() {
     let age = d.timestamp.expect("timestamp").elapsed().unwrap_or_default();
     assert!(age < Duration::from_secs(60), "timestamp is the produce time ({age:?} ago)");
 
-    // Subscribing after start adds the topic to the running session.
-    let (late_tx, mut late_rx) = mpsc::unbounded_channel();
-    bus.subscribe_envelope(&late_topic, move |env| {
-        let tx = late_tx.clone();
-        async move {
-            tx.send(env).unwrap();
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
-    let late = event("order-2", 1);
-    let late_pos = bus.publish_envelope(&late_topic, &late).await.unwrap();
-    let got =
-        tokio::time::timeout(Duration::from_secs(20), late_rx.recv()).await.expect("late topic delivered").unwrap();
-    assert_eq!(got, late);
+    let late_pos = late_subscription_delivers(&bus, &late_topic, Duration::from_secs(20)).await;
 
-    let stats = bus.consumer_stats().await.unwrap();
-    let report = bus.close().await;
-    assert_eq!(report.final_commit_error, None);
-    assert_eq!(stats.delivered.load(Ordering::Relaxed), 3);
-    assert_eq!(stats.redelivered_skipped.load(Ordering::Relaxed), 0);
+    close_cleanly(bus, 3).await;
     // The final commits, read back by a separate consumer of the group.
     let tps = [
         TopicPartition::new(topic.as_str(), first.partition),
@@ -565,9 +437,6 @@ async fn invalid_configuration_names_the_key() {
 async fn seed_scenario_five_topics_three_partitions() {
     init_tracing();
     const TOPICS: usize = 5;
-    const AGGREGATES: usize = 40;
-    const VERSIONS: i64 = 25;
-    let started = Instant::now();
     let mock = Mock::new(3);
     let topics: Vec<String> = (0..TOPICS).map(|i| unique(&format!("seed{i}"))).collect();
     for t in &topics {
@@ -576,48 +445,19 @@ async fn seed_scenario_five_topics_three_partitions() {
     let group = unique("g");
     let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
     let admin = broker.clone();
-    let bus = Arc::new(EventBus::builder(broker).config(bus_config(&group)).build().unwrap());
-    let checker = Arc::new(OrderChecker::new());
-    let (progress, mut done) = Progress::new();
-    for topic in &topics {
-        bus.subscribe_envelope(topic, checked_handler(checker.clone(), progress.clone(), Duration::from_micros(300)))
-            .await
-            .unwrap();
-    }
-    bus.start().await.unwrap();
-
-    let mut expected = BTreeMap::new();
-    let mut aggregates = Vec::new();
-    for (t, topic) in topics.iter().enumerate() {
-        for a in 0..AGGREGATES {
-            let agg = format!("t{t}-agg{a}");
-            expected.insert(agg.clone(), VERSIONS);
-            aggregates.push((topic.clone(), agg));
-        }
-    }
-    let positions = Positions::default();
-    publish_range(&bus, &aggregates, 1, VERSIONS, &positions).await;
-    let total = TOPICS * AGGREGATES * VERSIONS as usize;
-    wait_for(&mut done, total, Duration::from_secs(60), "seed scenario").await;
-    let stats = bus.consumer_stats().await.unwrap();
-    let report = bus.close().await;
-    let r = checker.report(&expected);
-    eprintln!(
-        "kafka seed scenario: sent {total}, handled {}, duplicates {}, violations {}, missing {}, redelivered {}, \
-         in {:?}",
-        r.handled,
-        r.duplicates,
-        r.violations,
-        r.missing,
-        stats.redelivered_skipped.load(Ordering::Relaxed),
-        started.elapsed()
-    );
-    assert!(r.is_clean(), "{r:?}");
-    assert_eq!(r.handled, total as u64);
-    assert_eq!(r.duplicates, 0, "no faults, so no duplicates");
-    assert_eq!(report.final_commit_error, None);
+    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
+    let seed = Seed {
+        label: "kafka seed scenario",
+        topics: &topics,
+        aggregates: 40,
+        versions: 25,
+        limit: Duration::from_secs(60),
+        max_publish_retries: 99,
+        dropped: Dropped::Fails,
+    };
+    let positions = seed.run(bus).await;
     // Every partition was used (keys spread by murmur2) and fully committed.
-    let used: BTreeSet<TopicPartition> = positions.lock().unwrap().values().map(|(tp, _)| tp.clone()).collect();
+    let used: BTreeSet<TopicPartition> = positions.values().map(|(tp, _)| tp.clone()).collect();
     assert_eq!(used.len(), TOPICS * 3);
     assert_all_committed(&admin, &group, &topics, 3).await;
 }
@@ -659,21 +499,15 @@ async fn second_member_joins_then_crashes(strategy: RebalanceStrategy) {
     let record1 = recorded1.record.clone();
     let bus1 = Arc::new(EventBus::builder(recorded1).config(bus_config(&group)).build().unwrap());
     for topic in &topics {
-        bus1.subscribe_envelope(topic, checked_handler(checker.clone(), progress.clone(), work)).await.unwrap();
+        bus1.subscribe_envelope(topic, handler(&checker, &progress, work)).await.unwrap();
     }
     bus1.start().await.unwrap();
 
-    let mut expected = BTreeMap::new();
-    let mut aggregates = Vec::new();
-    for a in 0..AGGREGATES {
-        let agg = format!("agg{a}");
-        expected.insert(agg.clone(), VERSIONS);
-        aggregates.push((topics[a % topics.len()].clone(), agg));
-    }
+    let (aggregates, expected) = spread_aggregates(&topics, AGGREGATES, VERSIONS);
     let total = AGGREGATES * VERSIONS as usize;
     let positions = Positions::default();
     // A third of the stream, for member 1 alone.
-    publish_range(&bus1, &aggregates, 1, VERSIONS / 3, &positions).await;
+    publish(&bus1, &aggregates, 1, VERSIONS / 3, &positions).await;
     wait_for(&mut done, total / 6, Duration::from_secs(30), "member 1 alone").await;
 
     // Member 2 joins, on a runtime of its own (so it can be killed).
@@ -698,7 +532,7 @@ async fn second_member_joins_then_crashes(strategy: RebalanceStrategy) {
             let recorded2 = Recorded { record: record2, changes: changes2_tx, ..Recorded::new(broker2, &ledger) };
             let bus2 = EventBus::builder(recorded2).config(bus_config(&group)).build().unwrap();
             for topic in &topics {
-                let inner = checked_handler(checker.clone(), progress.clone(), work);
+                let inner = handler(&checker, &progress, work);
                 let progress2 = progress2.clone();
                 bus2.subscribe_envelope(topic, move |env: Envelope| {
                     let (agg, v) = (env.aggregate_id.clone(), env.event_version);
@@ -725,7 +559,7 @@ async fn second_member_joins_then_crashes(strategy: RebalanceStrategy) {
     assert!(joined, "member 2 never got partitions");
     let rest = {
         let (bus, aggregates, positions) = (bus1.clone(), aggregates.clone(), positions.clone());
-        tokio::spawn(async move { publish_range(&bus, &aggregates, VERSIONS / 3 + 1, VERSIONS, &positions).await })
+        tokio::spawn(async move { publish(&bus, &aggregates, VERSIONS / 3 + 1, VERSIONS, &positions).await })
     };
     // Member 2 got partitions (the join rebalance is done) and works on them.
     wait_for(&mut done2, 150, Duration::from_secs(30), "member 2 after joining").await;
@@ -748,10 +582,7 @@ async fn second_member_joins_then_crashes(strategy: RebalanceStrategy) {
     let positions = positions.lock().unwrap().clone();
     let dups = progress.duplicates();
     let crashed_dups = dups.iter().filter(|k| crash_owned.contains(&positions[*k].0)).count();
-    let (below_commit, starts_checked) = {
-        let l = ledger.lock().unwrap();
-        (l.below_commit.clone(), l.starts_checked)
-    };
+    let starts = Ledger::starts(&ledger);
     let kstats = admin.stats();
     eprintln!(
         "kafka rebalance {strategy:?} (join, then crash): sent {total}, handled {}, duplicates {} ({crashed_dups} in the {} \
@@ -763,8 +594,8 @@ async fn second_member_joins_then_crashes(strategy: RebalanceStrategy) {
         crash_owned.len(),
         r.violations,
         r.missing,
-        starts_checked - below_commit.len() as u64,
-        starts_checked,
+        starts.at_or_above(),
+        starts.checked,
         kstats.revoked.load(Ordering::Relaxed),
         kstats.assigned.load(Ordering::Relaxed),
         started.elapsed()
@@ -773,8 +604,7 @@ async fn second_member_joins_then_crashes(strategy: RebalanceStrategy) {
     assert_eq!(r.handled, total as u64);
     // Duplicates only after the last commit: every new owner of a partition
     // started at (not below) the group's last commit of it.
-    assert!(below_commit.is_empty(), "resumed below the last commit: {below_commit:?}");
-    assert!(starts_checked >= 1);
+    starts.assert_none_below();
     assert_eq!(report.final_commit_error, None);
     // Member 1 owned everything again after the crash, and committed it all.
     assert_eq!(owned_after.len(), topics.len() * 3, "{owned_after:?}");
@@ -812,22 +642,16 @@ async fn broker_down_then_up_mid_stream() {
     let checker = Arc::new(OrderChecker::new());
     let (progress, mut done) = Progress::new();
     for topic in &topics {
-        bus.subscribe_envelope(topic, checked_handler(checker.clone(), progress.clone(), Duration::from_millis(10)))
+        bus.subscribe_envelope(topic, handler(&checker, &progress, Duration::from_millis(10)))
             .await
             .unwrap();
     }
     bus.start().await.unwrap();
 
-    let mut expected = BTreeMap::new();
-    let mut aggregates = Vec::new();
-    for a in 0..AGGREGATES {
-        let agg = format!("agg{a}");
-        expected.insert(agg.clone(), VERSIONS);
-        aggregates.push((topics[a % topics.len()].clone(), agg));
-    }
+    let (aggregates, expected) = spread_aggregates(&topics, AGGREGATES, VERSIONS);
     let total = AGGREGATES * VERSIONS as usize;
     let positions = Positions::default();
-    publish_range(&bus, &aggregates, 1, VERSIONS / 2, &positions).await;
+    publish(&bus, &aggregates, 1, VERSIONS / 2, &positions).await;
     // Half of the first half handled and committed; the rest in the pool.
     let committed =
         tokio::time::timeout(Duration::from_secs(30), changes.wait_for(|c| c.committed >= total as u64 / 4))
@@ -842,7 +666,7 @@ async fn broker_down_then_up_mid_stream() {
     let kstats = admin.stats().clone();
     let rest = {
         let (bus, aggregates, positions) = (bus.clone(), aggregates.clone(), positions.clone());
-        tokio::spawn(async move { publish_range(&bus, &aggregates, VERSIONS / 2 + 1, VERSIONS, &positions).await })
+        tokio::spawn(async move { publish(&bus, &aggregates, VERSIONS / 2 + 1, VERSIONS, &positions).await })
     };
     // Stay down until the member noticed: its session timed out and the
     // consumer was told its assignment was lost.
@@ -856,10 +680,7 @@ async fn broker_down_then_up_mid_stream() {
     let report = bus.close().await;
 
     let r = checker.report(&expected);
-    let (below_commit, starts_checked) = {
-        let l = ledger.lock().unwrap();
-        (l.below_commit.clone(), l.starts_checked)
-    };
+    let starts = Ledger::starts(&ledger);
     eprintln!(
         "kafka broker down/up: sent {total}, handled {}, duplicates {}, violations {}, missing {}, handled when \
          lost {handled_in_outage}, committed when the broker went down {committed_at_down}, assignments resumed at or above the last commit {}/{}, lost {}, consumer errors \
@@ -868,8 +689,8 @@ async fn broker_down_then_up_mid_stream() {
         r.duplicates,
         r.violations,
         r.missing,
-        starts_checked - below_commit.len() as u64,
-        starts_checked,
+        starts.at_or_above(),
+        starts.checked,
         kstats.lost.load(Ordering::Relaxed),
         kstats.consumer_errors.load(Ordering::Relaxed),
         stats.redelivered_skipped.load(Ordering::Relaxed),
@@ -877,8 +698,7 @@ async fn broker_down_then_up_mid_stream() {
     );
     assert!(r.is_clean(), "{r:?}");
     assert_eq!(r.handled, total as u64);
-    assert!(below_commit.is_empty(), "resumed below the last commit: {below_commit:?}");
-    assert!(starts_checked >= 1);
+    starts.assert_none_below();
     assert_eq!(report.final_commit_error, None);
     assert_all_committed(&admin, &group, &topics, 3).await;
 }
@@ -907,19 +727,13 @@ async fn full_pool_pauses_partitions_and_resumes() {
     let bus = Arc::new(EventBus::builder(broker).config(bus_cfg).build().unwrap());
     let checker = Arc::new(OrderChecker::new());
     let (progress, mut done) = Progress::new();
-    bus.subscribe_envelope(&topic, checked_handler(checker.clone(), progress.clone(), Duration::from_millis(1)))
+    bus.subscribe_envelope(&topic, handler(&checker, &progress, Duration::from_millis(1)))
         .await
         .unwrap();
-    let mut expected = BTreeMap::new();
-    let mut aggregates = Vec::new();
-    for a in 0..AGGREGATES {
-        let agg = format!("agg{a}");
-        expected.insert(agg.clone(), VERSIONS);
-        aggregates.push((topic.clone(), agg));
-    }
+    let (aggregates, expected) = spread_aggregates(std::slice::from_ref(&topic), AGGREGATES, VERSIONS);
     // Everything is there before the consumer starts: it reads far faster
     // than 4 workers handle.
-    publish_range(&bus, &aggregates, 1, VERSIONS, &Positions::default()).await;
+    publish(&bus, &aggregates, 1, VERSIONS, &Positions::default()).await;
     bus.start().await.unwrap();
     let total = AGGREGATES * VERSIONS as usize;
     wait_for(&mut done, total, Duration::from_secs(60), "back-pressure").await;

@@ -15,21 +15,23 @@
 
 mod common;
 
-use common::crash_child::{replay, temp_path, ChildProc};
+use common::crash_child::{self, publish_all, temp_path, Crash};
+use common::scenario::{
+    bus_config, checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, outbound,
+    recv_within, started_with_channels, unique, wait_for, Dropped, Progress, Seed,
+};
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus::broker::nats::{NatsBroker, NatsConfig};
-use eventbus::bus::BusConfig;
 use eventbus::checker::OrderChecker;
-use eventbus::consumer::{ConsumerConfig, RetryConfig};
-use eventbus::pool::PoolConfig;
+use eventbus::consumer::RetryConfig;
 use eventbus::{Broker, Envelope, EventBus};
 use tokio::sync::{mpsc, watch};
 
@@ -40,22 +42,8 @@ fn nats_url() -> String {
     std::env::var("EVENTBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
-fn unique(prefix: &str) -> String {
-    format!("ebt-{prefix}-{:08x}", rand::random::<u32>())
-}
-
 fn nats_config(url: &str) -> NatsConfig {
     NatsConfig { url: url.to_string(), ..NatsConfig::default() }
-}
-
-/// Logs to stderr when `RUST_LOG` is set.
-fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
 }
 
 /// Connects or fails the test with what to do about it.
@@ -75,78 +63,11 @@ async fn connect(config: NatsConfig) -> NatsBroker {
     }
 }
 
-fn bus_config(group: &str) -> BusConfig {
-    BusConfig {
-        pool: PoolConfig { concurrency: 64, capacity: 4096, wait_timeout: Duration::from_millis(500) },
-        consumer: ConsumerConfig {
-            group: group.to_string(),
-            commit_interval: Duration::from_millis(100),
-            ..ConsumerConfig::default()
-        },
-        close_timeout: Some(Duration::from_secs(20)),
-        ..BusConfig::default()
-    }
-}
-
 async fn cleanup(broker: &NatsBroker, topics: &[String]) {
     for t in topics {
         let _ = broker.delete_topic(t).await;
         let _ = broker.delete_topic(&format!("{t}.dlq")).await;
     }
-}
-
-/// Counts first completions and lets a test wait for a number of them.
-#[derive(Clone)]
-struct Progress {
-    done: Arc<Mutex<BTreeSet<(String, i64)>>>,
-    tx: Arc<watch::Sender<usize>>,
-}
-
-impl Progress {
-    fn new() -> (Progress, watch::Receiver<usize>) {
-        let (tx, rx) = watch::channel(0);
-        (Progress { done: Arc::default(), tx: Arc::new(tx) }, rx)
-    }
-
-    fn completed(&self, agg: &str, version: i64) {
-        let n = {
-            let mut done = self.done.lock().unwrap();
-            done.insert((agg.to_string(), version));
-            done.len()
-        };
-        self.tx.send_replace(n);
-    }
-}
-
-async fn wait_for(rx: &mut watch::Receiver<usize>, target: usize, limit: Duration, what: &str) {
-    let reached = tokio::time::timeout(limit, rx.wait_for(|n| *n >= target)).await.is_ok();
-    assert!(reached, "{what}: only {} of {target} events completed within {limit:?}", *rx.borrow());
-}
-
-/// An envelope handler that records begin/complete in the checker, with a
-/// little simulated work.
-fn checked_handler(
-    checker: Arc<OrderChecker>,
-    progress: Progress,
-    work: Duration,
-) -> impl Fn(Envelope) -> futures::future::BoxFuture<'static, eventbus::pool::HandlerResult> + Send + Sync + 'static {
-    move |env: Envelope| {
-        let checker = checker.clone();
-        let progress = progress.clone();
-        Box::pin(async move {
-            checker.begin(&env.aggregate_id, env.event_version);
-            if !work.is_zero() {
-                tokio::time::sleep(work).await; // simulated handler work
-            }
-            checker.complete(&env.aggregate_id, env.event_version);
-            progress.completed(&env.aggregate_id, env.event_version);
-            Ok(())
-        })
-    }
-}
-
-fn event(agg: &str, version: i64) -> Envelope {
-    Envelope::new(agg, "Updated", version, &serde_json::json!({ "v": version })).unwrap()
 }
 
 // ---------------------------------------------------------------------------
@@ -159,29 +80,7 @@ async fn round_trip_through_the_bus() {
     let group = unique("g");
     let broker = connect(nats_config(&nats_url())).await;
     let admin = broker.clone();
-    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
-
-    let (env_tx, mut env_rx) = mpsc::unbounded_channel();
-    bus.subscribe_envelope(&topic, move |env| {
-        let tx = env_tx.clone();
-        async move {
-            tx.send(env).unwrap();
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
-    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
-    bus.subscribe(&raw_topic, move |d| {
-        let tx = raw_tx.clone();
-        async move {
-            tx.send(d).unwrap();
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
-    bus.start().await.unwrap();
+    let (bus, mut env_rx, mut raw_rx) = started_with_channels(broker, bus_config(&group), &topic, &raw_topic).await;
 
     let env = event("order-1", 1).with_trace_id("trace-1");
     let first = bus.publish_envelope(&topic, &env).await.unwrap();
@@ -191,12 +90,12 @@ async fn round_trip_through_the_bus() {
     let again = bus.publish_envelope(&topic, &env).await.unwrap();
     assert!(again.duplicate, "the retried publish was stored twice");
     assert_eq!(again.offset, first.offset);
-    let got = tokio::time::timeout(Duration::from_secs(10), env_rx.recv()).await.expect("envelope delivered").unwrap();
+    let got = recv_within(&mut env_rx, Duration::from_secs(10), "envelope delivered").await;
     assert_eq!(got, env);
 
     let headers = vec![("X-Custom".to_string(), b"v1".to_vec()), ("X-Multi".to_string(), b"a\nb".to_vec())];
     let pos = bus.publish(&raw_topic, Some(b"key-\x01\xff"), headers, b"hello".to_vec()).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), raw_rx.recv()).await.expect("raw delivered").unwrap();
+    let d = recv_within(&mut raw_rx, Duration::from_secs(10), "raw delivered").await;
     assert_eq!((d.partition, d.offset, d.attempt), (0, pos.offset, 1));
     assert_eq!(d.payload, b"hello");
     assert_eq!(d.key.as_deref(), Some(&b"key-\x01\xff"[..]));
@@ -205,29 +104,10 @@ async fn round_trip_through_the_bus() {
     assert_eq!(header("X-Multi"), Some(b"a b".to_vec()), "multi-line header values become one line");
     assert!(d.timestamp.is_some());
 
-    // Subscribing after start adds the topic to the running session.
     let late_topic = unique("rt-late");
-    let (late_tx, mut late_rx) = mpsc::unbounded_channel();
-    bus.subscribe_envelope(&late_topic, move |env| {
-        let tx = late_tx.clone();
-        async move {
-            tx.send(env).unwrap();
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
-    let late = event("order-2", 1);
-    bus.publish_envelope(&late_topic, &late).await.unwrap();
-    let got =
-        tokio::time::timeout(Duration::from_secs(10), late_rx.recv()).await.expect("late topic delivered").unwrap();
-    assert_eq!(got, late);
+    late_subscription_delivers(&bus, &late_topic, Duration::from_secs(10)).await;
 
-    let stats = bus.consumer_stats().await.unwrap();
-    let report = bus.close().await;
-    assert_eq!(report.final_commit_error, None);
-    assert_eq!(stats.delivered.load(Ordering::Relaxed), 3);
-    assert_eq!(stats.redelivered_skipped.load(Ordering::Relaxed), 0);
+    close_cleanly(bus, 3).await;
     // The final commit acknowledged both, with confirmation.
     assert_eq!(admin.ack_floor(&group, &topic).await.unwrap(), Some(first.offset));
     assert_eq!(admin.ack_floor(&group, &raw_topic).await.unwrap(), Some(pos.offset));
@@ -263,60 +143,21 @@ async fn invalid_configuration_names_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_five_topics_no_loss_no_order_violation() {
-    const TOPICS: usize = 5;
-    const AGGREGATES: usize = 40;
-    const VERSIONS: i64 = 25;
-    let started = Instant::now();
-    let topics: Vec<String> = (0..TOPICS).map(|i| unique(&format!("seed{i}"))).collect();
+    let topics: Vec<String> = (0..5).map(|i| unique(&format!("seed{i}"))).collect();
     let group = unique("g");
     let broker = connect(nats_config(&nats_url())).await;
     let admin = broker.clone();
-    let bus = Arc::new(EventBus::builder(broker).config(bus_config(&group)).build().unwrap());
-    let checker = Arc::new(OrderChecker::new());
-    let (progress, mut done) = Progress::new();
-    for topic in &topics {
-        bus.subscribe_envelope(topic, checked_handler(checker.clone(), progress.clone(), Duration::from_micros(300)))
-            .await
-            .unwrap();
-    }
-    bus.start().await.unwrap();
-
-    let mut expected = BTreeMap::new();
-    let mut publishers = Vec::new();
-    for (t, topic) in topics.iter().enumerate() {
-        for a in 0..AGGREGATES {
-            let agg = format!("t{t}-agg{a}");
-            expected.insert(agg.clone(), VERSIONS);
-            let bus = bus.clone();
-            let topic = topic.clone();
-            publishers.push(tokio::spawn(async move {
-                for v in 1..=VERSIONS {
-                    bus.publish_envelope(&topic, &event(&agg, v)).await.unwrap();
-                }
-            }));
-        }
-    }
-    for p in publishers {
-        p.await.unwrap();
-    }
-    let total = TOPICS * AGGREGATES * VERSIONS as usize;
-    wait_for(&mut done, total, Duration::from_secs(120), "seed scenario").await;
-    let stats = bus.consumer_stats().await.unwrap();
-    let report = bus.close().await;
-    let r = checker.report(&expected);
-    eprintln!(
-        "seed scenario: sent {total}, handled {}, duplicates {}, violations {}, missing {}, redelivered {} in {:?}",
-        r.handled,
-        r.duplicates,
-        r.violations,
-        r.missing,
-        stats.redelivered_skipped.load(Ordering::Relaxed),
-        started.elapsed()
-    );
-    assert!(r.is_clean(), "{r:?}");
-    assert_eq!(r.handled, total as u64);
-    assert_eq!(r.duplicates, 0, "no faults, so no duplicates");
-    assert_eq!(report.final_commit_error, None);
+    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
+    let seed = Seed {
+        label: "nats seed scenario",
+        topics: &topics,
+        aggregates: 40,
+        versions: 25,
+        limit: Duration::from_secs(120),
+        max_publish_retries: 0,
+        dropped: Dropped::StaysRunning,
+    };
+    seed.run(bus).await;
     cleanup(&admin, &topics).await;
 }
 
@@ -415,14 +256,7 @@ async fn session_start_resumes_from_the_newest_durable_generation() {
     let group = unique("g");
     let broker = connect(nats_config(&nats_url())).await;
     for v in 1..=5 {
-        let env = event("agg", v);
-        let msg = eventbus::Outbound {
-            topic: topic.clone(),
-            key: None,
-            headers: env.to_headers(),
-            payload: env.encode().unwrap(),
-        };
-        broker.publish(msg).await.unwrap();
+        broker.publish(outbound(&topic, None, &event("agg", v))).await.unwrap();
     }
     let stream = broker.jetstream().get_stream(broker.config().stream_name(&topic)).await.unwrap();
     let base = NatsBroker::durable_base(&group, &topic);
@@ -520,72 +354,11 @@ async fn failed_event_goes_to_its_own_dead_letter_stream() {
 const CHILD_ENV: &str = "EVENTBUS_NATS_CHILD";
 
 /// The child mode of this test binary (does nothing unless
-/// `EVENTBUS_NATS_CHILD` is set): consumes `CHILD_TOPICS` as `CHILD_GROUP`,
-/// writes `B|C topic aggregate version` lines to `CHILD_LOG` (one write per
-/// line, so a SIGKILL loses no written line) and `DONE <aggregate>
-/// <version>` to stdout per completion; closes the bus cleanly at EOF on stdin.
+/// `EVENTBUS_NATS_CHILD` is set; see [`crash_child::entry`]): a consumer of
+/// the server at `CHILD_ADDRESS`.
 #[test]
 fn child_process_entry() {
-    if std::env::var_os(CHILD_ENV).is_none() {
-        return;
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    rt.block_on(child_main());
-}
-
-async fn child_main() {
-    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
-    let url = var("CHILD_URL");
-    let group = var("CHILD_GROUP");
-    let topics: Vec<String> = var("CHILD_TOPICS").split(',').map(String::from).collect();
-    let log =
-        Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(var("CHILD_LOG")).unwrap()));
-    let broker = connect(nats_config(&url)).await;
-    let mut cfg = bus_config(&group);
-    cfg.consumer.commit_interval = Duration::from_millis(50);
-    let bus = EventBus::builder(broker).config(cfg).build().unwrap();
-    for topic in &topics {
-        let log = log.clone();
-        let topic_name = topic.clone();
-        bus.subscribe_envelope(topic, move |env: Envelope| {
-            let log = log.clone();
-            let topic = topic_name.clone();
-            async move {
-                let line = |kind: &str| format!("{kind} {topic} {} {}\n", env.aggregate_id, env.event_version);
-                log.lock().unwrap().write_all(line("B").as_bytes()).unwrap();
-                tokio::time::sleep(Duration::from_millis(4)).await; // simulated handler work
-                log.lock().unwrap().write_all(line("C").as_bytes()).unwrap();
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "DONE {} {}", env.aggregate_id, env.event_version).unwrap();
-                out.flush().unwrap();
-                Ok(())
-            }
-        })
-        .await
-        .unwrap();
-    }
-    bus.start().await.unwrap();
-    // Run until the parent closes stdin.
-    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
-        let _ = eof_tx.send(());
-    });
-    let _ = eof_rx.await;
-    let report = bus.close().await;
-    println!("CLOSED handed_back={} commit_error={:?}", report.handed_back, report.final_commit_error);
-}
-
-/// Starts the consumer process (see `child_process_entry`).
-fn spawn_child(url: &str, group: &str, topics: &[String], log: &Path) -> ChildProc {
-    let topics = topics.join(",");
-    ChildProc::spawn(&[
-        (CHILD_ENV, "1"),
-        ("CHILD_URL", url),
-        ("CHILD_GROUP", group),
-        ("CHILD_TOPICS", &topics),
-        ("CHILD_LOG", log.to_str().expect("temp paths are UTF-8")),
-    ])
+    crash_child::entry(CHILD_ENV, |url| async move { connect(nats_config(&url)).await });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,95 +372,37 @@ async fn consumer_process_killed_and_restarted_loses_nothing_and_keeps_order() {
     let broker = connect(nats_config(&url)).await;
 
     // Publish everything first, remembering each event's stream sequence.
-    let mut seq_of = BTreeMap::new();
-    let mut expected = BTreeMap::new();
-    for v in 1..=VERSIONS {
-        for (t, topic) in topics.iter().enumerate() {
-            for a in 0..AGGREGATES {
-                let agg = format!("t{t}-agg{a}");
-                let env = event(&agg, v);
-                let payload = env.encode().unwrap();
-                let msg = eventbus::Outbound {
-                    topic: topic.clone(),
-                    key: Some(agg.clone().into_bytes()),
-                    headers: env.to_headers(),
-                    payload,
-                };
-                let pos = broker.publish(msg).await.unwrap();
-                seq_of.insert((topic.clone(), agg.clone(), v), pos.offset);
-                expected.insert(agg, VERSIONS);
-            }
-        }
-    }
+    let (published, expected) = publish_all(&broker, &topics, AGGREGATES, VERSIONS).await;
+    let seq_of: BTreeMap<_, u64> = published.into_iter().map(|(k, pos)| (k, pos.offset)).collect();
     let total = seq_of.len();
 
-    // First run: SIGKILL after a third of the events completed.
-    let log1 = temp_path("eventbus-nats-crash-1");
-    let mut first = spawn_child(&url, &group, &topics, &log1);
-    let mut done_first = 0;
-    while done_first < total / 3 {
-        first.next_done().await.expect("first consumer process exited early");
-        done_first += 1;
-    }
-    first.child.kill().unwrap(); // SIGKILL
-    first.child.wait().unwrap();
-    let mut floors = BTreeMap::new();
-    for topic in &topics {
-        floors.insert(topic.clone(), broker.ack_floor(&group, topic).await.unwrap().unwrap_or(0));
-    }
-
-    // Second run until every event completed in one of the runs.
-    let checker = OrderChecker::new();
-    let run1 = replay(&log1, &checker);
-    let mut completed: BTreeSet<(String, i64)> = run1.completed.keys().map(|(_, a, v)| (a.clone(), *v)).collect();
-    let log2 = temp_path("eventbus-nats-crash-2");
-    let mut second = spawn_child(&url, &group, &topics, &log2);
-    while completed.len() < total {
-        let (agg, v) = second.next_done().await.expect("second consumer process exited early");
-        completed.insert((agg, v));
-    }
-    drop(second.child.stdin.take()); // EOF: close cleanly
-    let mut closed = None;
-    while let Some(line) = second.lines.recv().await {
-        if line.starts_with("CLOSED") {
-            closed = Some(line);
-        }
-    }
-    let status = second.child.wait().unwrap();
-    assert!(status.success(), "second consumer process failed: {status}");
-    let closed = closed.expect("the second process closed its bus");
-    assert!(closed.contains("commit_error=None"), "{closed}");
-
-    let run2 = replay(&log2, &checker);
-    let r = checker.report(&expected);
+    // First run: SIGKILL after a third of the events completed; then the
+    // ack floors it left.
+    let crash =
+        Crash { child_env: CHILD_ENV, address: &url, group: &group, topics: &topics, logs: "eventbus-nats-crash" };
+    let (floors, runs) = crash
+        .run(total, &expected, async || {
+            let mut floors = BTreeMap::new();
+            for topic in &topics {
+                floors.insert(topic.clone(), broker.ack_floor(&group, topic).await.unwrap().unwrap_or(0));
+            }
+            floors
+        })
+        .await;
     // Duplicates: events of the first run handled again; all above the floor.
     let mut below_floor = Vec::new();
-    for (topic, agg, v) in &run2.began {
+    for (topic, agg, v) in &runs.second.began {
         let seq = seq_of[&(topic.clone(), agg.clone(), *v)];
         if seq <= floors[topic] {
             below_floor.push((topic.clone(), agg.clone(), *v, seq));
         }
     }
-    let again = run2.completed.keys().filter(|k| run1.completed.contains_key(k)).count();
-    eprintln!(
-        "crash scenario: sent {total}, handled {} (first run {}, second run {}), duplicates {} (re-handled {again}), \
-         violations {}, missing {}, ack floors at kill {floors:?}, in {:?}",
-        r.handled,
-        run1.completed.len(),
-        run2.completed.len(),
-        r.duplicates,
-        r.violations,
-        r.missing,
-        started.elapsed()
-    );
-    assert!(r.is_clean(), "{r:?}");
-    assert_eq!(r.handled, total as u64);
+    runs.check("nats crash scenario", total, &format!("ack floors at kill {floors:?}"), started);
     assert!(
         below_floor.is_empty(),
         "the restarted process re-handled events at or below the ack floor: {below_floor:?}"
     );
-    let _ = std::fs::remove_file(&log1);
-    let _ = std::fs::remove_file(&log2);
+    runs.remove_logs();
     cleanup(&broker, &topics).await;
 }
 
@@ -782,8 +497,8 @@ async fn server_restart_mid_stream_resumes_without_loss() {
     let checker = Arc::new(OrderChecker::new());
     let (progress, mut done) = Progress::new();
     for topic in &topics {
-        let fast = checked_handler(checker.clone(), progress.clone(), Duration::from_millis(2));
-        let slow = checked_handler(checker.clone(), progress.clone(), Duration::from_millis(100));
+        let handler = |work| checked_handler(checker.clone(), progress.clone(), work, Dropped::StaysRunning);
+        let (fast, slow) = (handler(Duration::from_millis(2)), handler(Duration::from_millis(100)));
         // One slow aggregate keeps messages held (queued in the pool) across
         // the restart, so the new durable generation redelivers them.
         bus.subscribe_envelope(

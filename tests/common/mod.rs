@@ -1,7 +1,9 @@
-//! Helpers shared by the memory-broker tests.
+//! Helpers shared by the tests: the memory-broker ones here, the real-broker
+//! ones in [`scenario`], the SIGKILL harness in [`crash_child`].
 #![allow(dead_code)]
 
 pub mod crash_child;
+pub mod scenario;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
