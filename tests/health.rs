@@ -77,6 +77,23 @@ fn threshold(threshold: u64, for_ms: u64) -> BacklogThreshold {
     BacklogThreshold { threshold, for_duration: Duration::from_millis(for_ms), recover_for: Duration::ZERO }
 }
 
+/// Subscribes `topic` with handlers that each wait for one permit of the
+/// returned gate.
+async fn subscribe_gated<B: Broker>(bus: &EventBus<B>, topic: &str) -> Arc<Semaphore> {
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    bus.subscribe_envelope(topic, move |_| {
+        let g = g.clone();
+        async move {
+            g.acquire().await.unwrap().forget();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    gate
+}
+
 fn observability(backlog: BacklogConfig) -> ObservabilityConfig {
     ObservabilityConfig { observe_interval: Duration::from_millis(100), backlog, health: HealthConfig::default() }
 }
@@ -101,17 +118,7 @@ fn pool_backlog_starts_after_its_duration_and_recovers_when_drained() {
             .build()
             .unwrap();
         // Handlers wait at the gate: one runs (concurrency 1), five queue.
-        let gate = Arc::new(Semaphore::new(0));
-        let g = gate.clone();
-        bus.subscribe_envelope("orders", move |_| {
-            let g = g.clone();
-            async move {
-                g.acquire().await.unwrap().forget();
-                Ok(())
-            }
-        })
-        .await
-        .unwrap();
+        let gate = subscribe_gated(&bus, "orders").await;
         bus.start().await.unwrap();
         let published = Instant::now();
         for a in 0..6 {
@@ -456,17 +463,7 @@ fn unknown_lag_is_reported_and_the_observer_keeps_going() {
             })
             .build()
             .unwrap();
-        let gate = Arc::new(Semaphore::new(0));
-        let g = gate.clone();
-        bus.subscribe_envelope("orders", move |_| {
-            let g = g.clone();
-            async move {
-                g.acquire().await.unwrap().forget();
-                Ok(())
-            }
-        })
-        .await
-        .unwrap();
+        let gate = subscribe_gated(&bus, "orders").await;
         bus.start().await.unwrap();
         bus.publish_envelope("orders", &event("a", 1)).await.unwrap();
         bus.publish_envelope("orders", &event("b", 1)).await.unwrap();

@@ -514,10 +514,7 @@ fn failed_handler_result_reaches_submitter() {
 fn close_drains_every_queued_message() {
     const N: usize = 2_000;
     multi_thread_runtime().block_on(async {
-        let pool = Pool::new(config(2, 10_000));
-        let gate = Arc::new(Semaphore::new(0));
-        let replies = Arc::new(Replies::default());
-        gated_tasks(&pool, N, &gate, &replies).await;
+        let (pool, gate, replies) = gated_pool(2, 10_000, N).await;
         // Handlers are held: at most `concurrency` messages left the queue.
         let s = pool.stats();
         assert_eq!(s.queued + s.in_flight, N);
@@ -642,16 +639,21 @@ fn dropping_last_handle_aborts_workers() {
     });
 }
 
-/// Submits `n` tasks over a few keys that each wait for one permit of `gate`.
-async fn gated_tasks(pool: &Pool, n: usize, gate: &Arc<Semaphore>, replies: &Arc<Replies>) {
+/// A pool holding `n` accepted tasks over a few keys, each waiting for one
+/// permit of the returned gate before it finishes Ok.
+async fn gated_pool(concurrency: usize, capacity: usize, n: usize) -> (Pool, Arc<Semaphore>, Arc<Replies>) {
+    let pool = Pool::new(config(concurrency, capacity));
+    let gate = Arc::new(Semaphore::new(0));
+    let replies = Arc::new(Replies::default());
     for i in 0..n {
-        let gate = Arc::clone(gate);
+        let gate = Arc::clone(&gate);
         let work = async move {
             gate.acquire().await.unwrap().forget();
             Ok(())
         };
         pool.submit(Task::new(key(format!("k{}", i % 7)), work, replies.reply(i))).await.unwrap();
     }
+    (pool, gate, replies)
 }
 
 /// Concurrent `close` calls share one drain: the second one does not return
@@ -660,10 +662,7 @@ async fn gated_tasks(pool: &Pool, n: usize, gate: &Arc<Semaphore>, replies: &Arc
 fn concurrent_closes_wait_for_the_same_drain() {
     const N: usize = 200;
     multi_thread_runtime().block_on(async {
-        let pool = Pool::new(config(4, 1_000));
-        let gate = Arc::new(Semaphore::new(0));
-        let replies = Arc::new(Replies::default());
-        gated_tasks(&pool, N, &gate, &replies).await;
+        let (pool, gate, replies) = gated_pool(4, 1_000, N).await;
         let closed_after = |report: CloseReport| (report, replies.total());
         let (first, second, ()) = tokio::join!(
             async { closed_after(pool.close(None).await) },
@@ -691,10 +690,7 @@ fn concurrent_closes_wait_for_the_same_drain() {
 fn dropped_close_future_still_drains() {
     const N: usize = 200;
     multi_thread_runtime().block_on(async {
-        let pool = Pool::new(config(4, 1_000));
-        let gate = Arc::new(Semaphore::new(0));
-        let replies = Arc::new(Replies::default());
-        gated_tasks(&pool, N, &gate, &replies).await;
+        let (pool, gate, replies) = gated_pool(4, 1_000, N).await;
         let mut abandoned = Box::pin(pool.close(None));
         assert!(futures::poll!(abandoned.as_mut()).is_pending(), "the gate is shut, so the drain cannot be done");
         drop(abandoned);
