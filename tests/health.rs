@@ -28,6 +28,10 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
 /// Runs `test` on a paused current-thread runtime with a recorder of its own.
+/// Its clock moves only when every task waits, straight to the next timer:
+/// a `sleep` in such a test advances virtual time through every timer before
+/// it (an outage's length, samples of the observer), deterministically; it
+/// never waits for another thread.
 fn paused<F: Future<Output = ()>>(test: impl FnOnce(Snapshotter) -> F) {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
@@ -560,7 +564,7 @@ fn close_leaves_no_observer_or_health_task_alive() {
         // Wait (bounded) until the monitor has seen its own health messages.
         let seen = tokio::time::timeout(Duration::from_secs(10), async {
             while bus.health().health_monitor.is_none_or(|m| m.received == 0) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::task::yield_now().await;
             }
         });
         seen.await.expect("health message consumed within 10 s");
