@@ -20,7 +20,7 @@ pub mod planted;
 
 pub use broker::memory::{MemoryBroker, MemoryConfig};
 pub use broker::{
-    Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
+    Broker, BrokerError, ConnectionState, ErrorClass, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
     TopicPartition,
 };
 pub use backlog::{BacklogEvent, BacklogSource};

@@ -101,15 +101,7 @@ pub fn install_prometheus(addr: std::net::SocketAddr) -> Result<(), metrics_expo
 
 /// The `error` label of [`PUBLISH_FAILED`].
 pub fn broker_error_kind(e: &BrokerError) -> &'static str {
-    match e {
-        BrokerError::Unavailable(_) => "unavailable",
-        BrokerError::Timeout(_) => "timeout",
-        BrokerError::UnknownTopic(_) => "unknown_topic",
-        BrokerError::Config { .. } => "config",
-        BrokerError::CommitRejected { .. } => "commit_rejected",
-        BrokerError::Closed => "closed",
-        BrokerError::Other(_) => "other",
-    }
+    e.kind()
 }
 
 /// Counts a publish that failed before reaching the broker (e.g. an

@@ -117,6 +117,23 @@ impl PartitionLag {
     }
 }
 
+/// What a caller can do about a [`BrokerError`].
+///
+/// The table is [`BrokerError::class`]; `tests/error_classes.rs` holds one
+/// test per class. No caller retries any class forever without a capped
+/// backoff, a metric and a log line naming what is stuck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// Trying the same call again later may succeed (the broker is down or
+    /// slow, a stream is full for now).
+    Retriable,
+    /// The same call will fail again until an operator changes something
+    /// (no such topic, not authorised, message too large, bad config).
+    Permanent,
+    /// The session cannot go on; the caller must rebuild it.
+    Fatal,
+}
+
 /// Broker failures, typed by what the caller can do about them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -131,16 +148,63 @@ pub enum BrokerError {
     Config { key: String, reason: String },
     #[error("commit rejected for {partition}: {reason}")]
     CommitRejected { partition: String, reason: String },
+    /// The broker refused the credentials or the operation (authentication
+    /// or authorisation).
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
+    /// The broker refused this message for good (too large, invalid).
+    #[error("message refused: {0}")]
+    Refused(String),
+    /// The broker has no room for now (a full stream with `discard = new`,
+    /// a quota); may clear as retention removes old data.
+    #[error("broker full: {0}")]
+    Full(String),
+    /// The session's client died (e.g. its poll thread); rebuild the session.
+    #[error("session failed: {0}")]
+    SessionFailed(String),
     #[error("session closed")]
     Closed,
+    /// An error no other variant describes; treated as permanent so nothing
+    /// retries it without bound.
     #[error("{0}")]
     Other(String),
 }
 
 impl BrokerError {
+    /// The error's class: the one table every caller consults.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            BrokerError::Unavailable(_) | BrokerError::Timeout(_) | BrokerError::Full(_) => ErrorClass::Retriable,
+            BrokerError::UnknownTopic(_)
+            | BrokerError::Config { .. }
+            | BrokerError::CommitRejected { .. }
+            | BrokerError::Unauthorized(_)
+            | BrokerError::Refused(_)
+            | BrokerError::Other(_) => ErrorClass::Permanent,
+            BrokerError::SessionFailed(_) | BrokerError::Closed => ErrorClass::Fatal,
+        }
+    }
+
     /// Whether trying the same call again later may succeed.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, BrokerError::Unavailable(_) | BrokerError::Timeout(_) | BrokerError::Other(_))
+        self.class() == ErrorClass::Retriable
+    }
+
+    /// A short, stable name of the variant, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BrokerError::Unavailable(_) => "unavailable",
+            BrokerError::Timeout(_) => "timeout",
+            BrokerError::UnknownTopic(_) => "unknown_topic",
+            BrokerError::Config { .. } => "config",
+            BrokerError::CommitRejected { .. } => "commit_rejected",
+            BrokerError::Unauthorized(_) => "unauthorized",
+            BrokerError::Refused(_) => "refused",
+            BrokerError::Full(_) => "full",
+            BrokerError::SessionFailed(_) => "session_failed",
+            BrokerError::Closed => "closed",
+            BrokerError::Other(_) => "other",
+        }
     }
 }
 
@@ -160,6 +224,20 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Makes sure `topic` exists with at least `partitions` partitions.
     fn ensure_topic(&self, topic: &str, partitions: u32) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Makes sure the dead-letter topic `dead_letter` of `source` exists and
+    /// can hold what the consumer writes there (Kafka: as many partitions as
+    /// the source; NATS: its own stream). Called when a topic is subscribed,
+    /// so a name the broker cannot hold fails the subscribe, not the first
+    /// poison event. The default makes a one-partition topic.
+    fn ensure_dead_letter_topic(
+        &self,
+        source: &str,
+        dead_letter: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        let _ = source;
+        self.ensure_topic(dead_letter, 1)
+    }
 
     /// Watches whether the client reaches its broker. The default suits a
     /// broker that cannot disconnect (in-process): always connected.
