@@ -269,12 +269,14 @@ impl Envelope {
         payload: &impl Serialize,
     ) -> Result<Envelope, EnvelopeError> {
         let payload = serde_json::to_vec(payload).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
-        Envelope::with_payload_bytes(aggregate_id, event_type, event_version, payload)
+        let envelope = Envelope::with_payload_bytes(aggregate_id, event_type, event_version, payload)?;
+        envelope.validate()?;
+        Ok(envelope)
     }
 
-    /// Builds and validates an envelope with raw payload bytes (publish them
-    /// with [`PayloadEncoding::Base64`] unless they are JSON), stamped with
-    /// the current UTC time.
+    /// Builds an envelope with raw payload bytes, stamped with the current
+    /// UTC time, and validates it for base64 (publish bytes that are not
+    /// JSON with [`PayloadEncoding::Base64`]; embedded encoding refuses them).
     pub fn with_payload_bytes(
         aggregate_id: impl Into<String>,
         event_type: impl Into<String>,
@@ -290,7 +292,7 @@ impl Envelope {
             correlation_id: None,
             payload: payload.into(),
         };
-        envelope.validate()?;
+        envelope.validate_for(PayloadEncoding::Base64)?;
         Ok(envelope)
     }
 
@@ -328,11 +330,18 @@ impl Envelope {
         serde_json::from_slice(&self.payload).map_err(|e| EnvelopeError::Payload(e.to_string()))
     }
 
-    /// Checks every field for publishing in any encoding: the reading rules
-    /// plus our limits (text lengths, no control characters in text copied
-    /// to headers, a timestamp Go can write). [`Envelope::encode_with`]
-    /// adds the embedded form's rule (the payload bytes are JSON, not `null`).
+    /// Checks every field for publishing embedded (the default encoding):
+    /// `validate_for(PayloadEncoding::Embedded)`.
     pub fn validate(&self) -> Result<(), EnvelopeError> {
+        self.validate_for(PayloadEncoding::Embedded)
+    }
+
+    /// Checks every field for publishing in `encoding`: the reading rules
+    /// plus our limits (text lengths, no control characters in text copied
+    /// to headers, a timestamp Go can write); embedded (and `Auto`, which
+    /// writes embedded) also needs payload bytes that are JSON, not `null`,
+    /// within the depth limit. Base64 takes any non-empty bytes.
+    pub fn validate_for(&self, encoding: PayloadEncoding) -> Result<(), EnvelopeError> {
         validate_aggregate_id(&self.aggregate_id)?;
         if self.event_type.trim().is_empty() {
             return Err(EnvelopeError::EmptyEventType);
@@ -351,6 +360,9 @@ impl Envelope {
         if self.payload.is_empty() {
             return Err(EnvelopeError::EmptyPayload);
         }
+        if encoding != PayloadEncoding::Base64 {
+            embeddable(&self.payload)?;
+        }
         Ok(())
     }
 
@@ -364,7 +376,7 @@ impl Envelope {
     /// with the payload in `encoding` (`Auto` writes embedded). Never puts on
     /// the wire what a consumer in that encoding, or Go, would reject.
     pub fn encode_with(&self, encoding: PayloadEncoding) -> Result<Vec<u8>, EnvelopeError> {
-        self.validate()?;
+        self.validate_for(encoding)?;
         let encoded;
         let payload = match encoding {
             PayloadEncoding::Embedded | PayloadEncoding::Auto => {
@@ -455,6 +467,9 @@ impl<'de> Deserialize<'de> for Envelope {
 /// The payload bytes as embeddable JSON text: compact, valid, not `null`,
 /// within the depth limit.
 fn embeddable(payload: &[u8]) -> Result<Box<RawValue>, EnvelopeError> {
+    if payload.iter().all(|b| is_json_whitespace(*b)) {
+        return Err(EnvelopeError::EmptyPayload);
+    }
     let text = std::str::from_utf8(payload).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
     let raw: Box<RawValue> = serde_json::from_str(text).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
     let raw = compact_raw(raw).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
