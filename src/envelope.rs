@@ -675,11 +675,16 @@ fn format_go_rfc3339_nano(ts: OffsetDateTime) -> Result<String, EnvelopeError> {
     Ok(out)
 }
 
-/// Parses RFC 3339 as Go's `time.Time` does: only an upper-case `T`
-/// separator and `Z` (the `time` crate also takes `t`, `z` and a space).
+/// Parses RFC 3339 as Go's `time.Time` does (Go 1.20 and later, strict):
+/// only an upper-case `T` separator and `Z` (the `time` crate also takes
+/// `t`, `z` and a space), no leap second.
 fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, String> {
     if s.as_bytes().get(10) != Some(&b'T') || s.contains('z') {
         return Err(format!("{s:?} is not an RFC 3339 timestamp"));
+    }
+    // The `time` crate reads a leap second (`23:59:60`); Go rejects second 60.
+    if s.get(17..19) == Some("60") {
+        return Err(format!("{s:?} is not an RFC 3339 timestamp: second out of range"));
     }
     OffsetDateTime::parse(s, &Rfc3339)
         .map_err(|e| format!("{s:?} is not an RFC 3339 timestamp: {e}"))

@@ -15,6 +15,8 @@
 //	goenvelope decode FORM
 //	    reads envelopes from stdin, one per line; for each writes one JSON
 //	    line: the fields as Go decoded and validated them, or the error
+//	goenvelope decode-b64 FORM
+//	    the same, each stdin line the base64 of one envelope (any bytes)
 //	goenvelope nats-publish ADDR SUBJECT FORM
 //	    publishes the 20 test envelopes to SUBJECT with the raw NATS text
 //	    protocol over TCP (PUB with a reply inbox, waiting for each
@@ -401,12 +403,19 @@ func main() {
 			w.WriteByte('\n')
 		}
 		w.Flush()
-	case args[0] == "decode" && len(args) == 2:
+	case (args[0] == "decode" || args[0] == "decode-b64") && len(args) == 2:
 		sc := bufio.NewScanner(os.Stdin)
 		sc.Buffer(make([]byte, 0, 1<<16), 4<<20)
 		w := bufio.NewWriter(os.Stdout)
 		for sc.Scan() {
-			printJSON(w, decode(args[1], sc.Bytes()))
+			line := sc.Bytes()
+			if args[0] == "decode-b64" {
+				var err error
+				if line, err = base64.StdEncoding.DecodeString(string(line)); err != nil {
+					fail(err)
+				}
+			}
+			printJSON(w, decode(args[1], line))
 		}
 		w.Flush()
 		if err := sc.Err(); err != nil {
