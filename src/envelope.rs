@@ -140,7 +140,9 @@ pub enum EnvelopeError {
     #[error("aggregate ID is {len} characters long, the limit is {limit}")]
     AggregateIdTooLong { len: usize, limit: usize },
     /// The aggregate ID contains a character outside `A-Z a-z 0-9 : _ - . /`.
-    #[error("aggregate ID contains {ch:?} at position {position}; allowed are A-Z a-z 0-9 : _ - . /")]
+    #[error(
+        "aggregate ID contains {ch:?} at position {position}; allowed are A-Z a-z 0-9 : _ - . /"
+    )]
     InvalidAggregateIdChar { ch: char, position: usize },
     /// The event type is empty or only whitespace.
     #[error("event type is empty")]
@@ -148,7 +150,11 @@ pub enum EnvelopeError {
     /// A text field (`event_type`, `trace_id`, `correlation_id`) is too long
     /// to publish (reading has no length limit).
     #[error("{field} is {len} characters long, the limit is {limit}")]
-    FieldTooLong { field: &'static str, len: usize, limit: usize },
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        limit: usize,
+    },
     /// A text field that is copied into message headers contains a control
     /// character (CR/LF would break NATS header framing); checked on publish.
     #[error("{field} contains a control character")]
@@ -171,7 +177,10 @@ pub enum EnvelopeError {
     /// found an object, number or boolean (Go: `cannot unmarshal object into
     /// Go struct field Envelope.payload`).
     #[error("payload is a JSON {found}, which the {encoding} encoding cannot hold")]
-    PayloadForm { encoding: PayloadEncoding, found: &'static str },
+    PayloadForm {
+        encoding: PayloadEncoding,
+        found: &'static str,
+    },
     /// Embedded writing: the payload bytes are not JSON (read them with
     /// [`Envelope::payload_bytes`]; publish them base64).
     #[error("payload bytes are not JSON and cannot be embedded: {0}")]
@@ -268,8 +277,10 @@ impl Envelope {
         event_version: i64,
         payload: &impl Serialize,
     ) -> Result<Envelope, EnvelopeError> {
-        let payload = serde_json::to_vec(payload).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
-        let envelope = Envelope::with_payload_bytes(aggregate_id, event_type, event_version, payload)?;
+        let payload =
+            serde_json::to_vec(payload).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
+        let envelope =
+            Envelope::with_payload_bytes(aggregate_id, event_type, event_version, payload)?;
         envelope.validate()?;
         Ok(envelope)
     }
@@ -387,9 +398,13 @@ impl Envelope {
                 WirePayload::Base64(&encoded)
             }
         };
-        let bytes = serde_json::to_vec(&self.wire_out(payload)).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
+        let bytes = serde_json::to_vec(&self.wire_out(payload))
+            .map_err(|e| EnvelopeError::Encode(e.to_string()))?;
         if bytes.len() > MAX_ENVELOPE_BYTES {
-            return Err(EnvelopeError::TooLarge { size: bytes.len(), limit: MAX_ENVELOPE_BYTES });
+            return Err(EnvelopeError::TooLarge {
+                size: bytes.len(),
+                limit: MAX_ENVELOPE_BYTES,
+            });
         }
         Ok(bytes)
     }
@@ -423,12 +438,18 @@ impl Envelope {
     /// decode as `None`.
     pub fn decode_with(bytes: &[u8], encoding: PayloadEncoding) -> Result<Envelope, EnvelopeError> {
         if bytes.len() > MAX_ENVELOPE_BYTES {
-            return Err(EnvelopeError::TooLarge { size: bytes.len(), limit: MAX_ENVELOPE_BYTES });
+            return Err(EnvelopeError::TooLarge {
+                size: bytes.len(),
+                limit: MAX_ENVELOPE_BYTES,
+            });
         }
         if json_depth_exceeds(bytes, MAX_JSON_DEPTH) {
-            return Err(EnvelopeError::TooDeep { limit: MAX_JSON_DEPTH });
+            return Err(EnvelopeError::TooDeep {
+                limit: MAX_JSON_DEPTH,
+            });
         }
-        let wire: WireEnvelope = serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Decode(e.to_string()))?;
+        let wire: WireEnvelope =
+            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Decode(e.to_string()))?;
         wire.into_envelope(encoding)
     }
 
@@ -437,9 +458,18 @@ impl Envelope {
     /// and trace/correlation IDs when present.
     pub fn to_headers(&self) -> Vec<(String, Vec<u8>)> {
         let mut headers = vec![
-            (HEADER_AGGREGATE_ID.to_owned(), self.aggregate_id.clone().into_bytes()),
-            (HEADER_EVENT_TYPE.to_owned(), self.event_type.clone().into_bytes()),
-            (HEADER_EVENT_VERSION.to_owned(), self.event_version.to_string().into_bytes()),
+            (
+                HEADER_AGGREGATE_ID.to_owned(),
+                self.aggregate_id.clone().into_bytes(),
+            ),
+            (
+                HEADER_EVENT_TYPE.to_owned(),
+                self.event_type.clone().into_bytes(),
+            ),
+            (
+                HEADER_EVENT_VERSION.to_owned(),
+                self.event_version.to_string().into_bytes(),
+            ),
         ];
         if let Some(id) = non_empty(&self.trace_id) {
             headers.push((HEADER_TRACE_ID.to_owned(), id.as_bytes().to_vec()));
@@ -460,7 +490,9 @@ impl Serialize for Envelope {
 
 impl<'de> Deserialize<'de> for Envelope {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        WireEnvelope::deserialize(d)?.into_envelope(PayloadEncoding::Embedded).map_err(de::Error::custom)
+        WireEnvelope::deserialize(d)?
+            .into_envelope(PayloadEncoding::Embedded)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -470,8 +502,10 @@ fn embeddable(payload: &[u8]) -> Result<Box<RawValue>, EnvelopeError> {
     if payload.iter().all(|b| is_json_whitespace(*b)) {
         return Err(EnvelopeError::EmptyPayload);
     }
-    let text = std::str::from_utf8(payload).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
-    let raw: Box<RawValue> = serde_json::from_str(text).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
+    let text =
+        std::str::from_utf8(payload).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
+    let raw: Box<RawValue> =
+        serde_json::from_str(text).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
     let raw = compact_raw(raw).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
     check_embedded(raw.get())?;
     Ok(raw)
@@ -487,7 +521,9 @@ fn check_embedded(raw: &str) -> Result<(), EnvelopeError> {
     }
     // The envelope object is one level, so the payload gets one less.
     if json_depth_exceeds(raw.as_bytes(), MAX_JSON_DEPTH - 1) {
-        return Err(EnvelopeError::TooDeep { limit: MAX_JSON_DEPTH });
+        return Err(EnvelopeError::TooDeep {
+            limit: MAX_JSON_DEPTH,
+        });
     }
     Ok(())
 }
@@ -614,7 +650,6 @@ fn candidate(bytes: &[u8]) -> Option<String> {
     Some(id.to_owned())
 }
 
-
 fn validate_text(field: &'static str, value: &str, limit: usize) -> Result<(), EnvelopeError> {
     let len = value.chars().count();
     if len > limit {
@@ -684,12 +719,13 @@ fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, String> {
     }
     // The `time` crate reads a leap second (`23:59:60`); Go rejects second 60.
     if s.get(17..19) == Some("60") {
-        return Err(format!("{s:?} is not an RFC 3339 timestamp: second out of range"));
+        return Err(format!(
+            "{s:?} is not an RFC 3339 timestamp: second out of range"
+        ));
     }
     OffsetDateTime::parse(s, &Rfc3339)
         .map_err(|e| format!("{s:?} is not an RFC 3339 timestamp: {e}"))
 }
-
 
 fn serialize_timestamp<S: Serializer>(ts: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
     let text = format_go_rfc3339_nano(*ts).map_err(ser::Error::custom)?;
@@ -780,7 +816,10 @@ fn go_key_matches(name: &str, key: &str) -> bool {
 }
 
 fn field_of(key: &str) -> Option<Field> {
-    FIELDS.iter().find(|(name, _)| go_key_matches(name, key)).map(|(_, f)| *f)
+    FIELDS
+        .iter()
+        .find(|(name, _)| go_key_matches(name, key))
+        .map(|(_, f)| *f)
 }
 
 impl<'de> Deserialize<'de> for WireEnvelope {
@@ -875,7 +914,8 @@ fn read_payload(raw: Box<RawValue>, encoding: PayloadEncoding) -> Result<Vec<u8>
     match (encoding, kind) {
         (PayloadEncoding::Base64, "null") => Err(EnvelopeError::EmptyPayload),
         (PayloadEncoding::Base64 | PayloadEncoding::Auto, "string") => {
-            let text: String = serde_json::from_str(raw.get()).map_err(|e| EnvelopeError::Decode(e.to_string()))?;
+            let text: String = serde_json::from_str(raw.get())
+                .map_err(|e| EnvelopeError::Decode(e.to_string()))?;
             match (go_base64_decode(&text), encoding) {
                 (Ok(bytes), _) if bytes.is_empty() => Err(EnvelopeError::EmptyPayload),
                 (Ok(bytes), _) => Ok(bytes),
@@ -885,8 +925,11 @@ fn read_payload(raw: Box<RawValue>, encoding: PayloadEncoding) -> Result<Vec<u8>
         }
         (PayloadEncoding::Base64, "array") => {
             // Go's []byte decoder takes a JSON array of byte values too.
-            let bytes: Vec<u8> = serde_json::from_str(raw.get())
-                .map_err(|_| EnvelopeError::PayloadForm { encoding, found: "array" })?;
+            let bytes: Vec<u8> =
+                serde_json::from_str(raw.get()).map_err(|_| EnvelopeError::PayloadForm {
+                    encoding,
+                    found: "array",
+                })?;
             if bytes.is_empty() {
                 return Err(EnvelopeError::EmptyPayload);
             }
