@@ -600,6 +600,7 @@ fn reading_rules_agree_with_the_go_peer() {
     let mut table = Table::default();
     let mut disagreements = BTreeMap::new();
     let mut agreed = 0;
+    let mut verdicts = BTreeMap::new();
     for form in [GoForm::Base64, GoForm::Raw] {
         let payload = if form == GoForm::Base64 { P_B64 } else { P_RAW };
         let docs: Vec<Vec<u8>> = documents
@@ -624,22 +625,24 @@ fn reading_rules_agree_with_the_go_peer() {
             } else {
                 disagreements.insert((*name, form), diffs.join("; "));
             }
-            let accepted = if go.ok { "both accept" } else { "both reject" };
-            let verdict = if diffs.is_empty() {
-                accepted
-            } else {
-                "disagree"
+            let verdict = match (diffs.is_empty(), go.ok) {
+                (true, true) => "both accept",
+                (true, false) => "both reject",
+                (false, _) => "differ",
             };
+            *verdicts
+                .entry((form.ours().to_string(), verdict))
+                .or_insert(0usize) += 1;
             table.record(
-                &format!("reading rules ({verdict})"),
-                form.ours().to_string().as_str(),
+                &format!("reading rules, Go {} vs us", form.arg()),
+                &form.ours().to_string(),
                 i,
-                vec![],
+                diffs,
             );
         }
     }
     table.print(&format!(
-        "Reading rules: {} documents x 2 forms, Go peer {go_version}",
+        "Reading rules: {} documents x 2 forms, Go peer {go_version}; verdicts {verdicts:?}",
         documents.len()
     ));
     let mut unexplained = Vec::new();
