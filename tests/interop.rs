@@ -589,12 +589,12 @@ fn reading_rules_agree_with_the_go_peer() {
     let Some(bin) = peer("reading_rules_agree_with_the_go_peer") else {
         return;
     };
-    let go_version = Command::new("go")
-        .args(["env", "GOVERSION"])
-        .output()
-        .unwrap();
+    let go_version = Command::new("go").arg("version").output().unwrap();
+    // "go version go1.19.8 linux/amd64"
     let go_version = String::from_utf8_lossy(&go_version.stdout)
-        .trim()
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or("")
         .to_owned();
     let documents = rule_documents();
     let mut table = Table::default();
