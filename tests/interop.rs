@@ -553,6 +553,8 @@ fn rule_documents() -> Vec<(&'static str, String)> {
         ("timestamp comma fraction", base(r#""timestamp":"2024-01-02T15:04:05,5Z","payload":$P"#)),
         ("timestamp a number", base(r#""timestamp":1704207845,"payload":$P"#)),
         ("lone surrogate in event_type", r#"{"aggregate_id":"a","event_type":"\ud800","event_version":1,"timestamp":"$T","payload":$P}"#.into()),
+        // `$X` becomes the byte 0xFF (not UTF-8).
+        ("invalid UTF-8 in event_type", r#"{"aggregate_id":"a","event_type":"A$XB","event_version":1,"timestamp":"$T","payload":$P}"#.into()),
     ]
 }
 
@@ -571,6 +573,14 @@ fn deliberate_disagreements() -> BTreeMap<(&'static str, GoForm), &'static str> 
         (
             ("lone surrogate in event_type", GoForm::Raw),
             "Go replaces an unpaired surrogate escape in a string with U+FFFD; serde_json rejects it",
+        ),
+        (
+            ("invalid UTF-8 in event_type", GoForm::Base64),
+            "Go replaces invalid UTF-8 in a string with U+FFFD; serde_json rejects it",
+        ),
+        (
+            ("invalid UTF-8 in event_type", GoForm::Raw),
+            "Go replaces invalid UTF-8 in a string with U+FFFD; serde_json rejects it",
         ),
     ])
 }
@@ -606,9 +616,17 @@ fn reading_rules_agree_with_the_go_peer() {
         let docs: Vec<Vec<u8>> = documents
             .iter()
             .map(|(_, d)| {
-                d.replace("$P", payload)
-                    .replace("$T", "2024-01-02T15:04:05.5Z")
-                    .into_bytes()
+                let text = d
+                    .replace("$P", payload)
+                    .replace("$T", "2024-01-02T15:04:05.5Z");
+                let mut bytes = Vec::new();
+                for (i, part) in text.split("$X").enumerate() {
+                    if i > 0 {
+                        bytes.push(0xFF);
+                    }
+                    bytes.extend_from_slice(part.as_bytes());
+                }
+                bytes
             })
             .collect();
         let go = go_decode(bin, form, &docs);
