@@ -14,7 +14,7 @@ use crate::backlog::BacklogEvent;
 use crate::broker::{Broker, BrokerError, Delivery, Headers, Outbound, Position};
 use crate::callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
 use crate::consumer::{self, ConsumerConfig, ConsumerError, ConsumerHandle, ConsumerStats, Handler};
-use crate::envelope::{Envelope, EnvelopeError};
+use crate::envelope::{Envelope, EnvelopeError, PayloadEncoding};
 use crate::health::{self, HealthReport, MonitorStatus, PoolStatus, PublisherStatus};
 use crate::observer::{ObservabilityConfig, Observed, Observer};
 use crate::pool::{HandlerResult, Pool, PoolConfig, Stats};
@@ -32,6 +32,36 @@ pub struct BusConfig {
     pub close_timeout: Option<Duration>,
     /// Observer interval, backlog thresholds and the health check (`docs/health.md`).
     pub observability: ObservabilityConfig,
+    /// How envelope payloads are written and read (`docs/wire.md`).
+    pub wire: WireConfig,
+}
+
+/// The envelope payload encoding, bus-wide with per-topic overrides
+/// (`docs/wire.md`):
+///
+/// ```toml
+/// [wire]
+/// payload_encoding = "embedded"   # embedded | base64 | auto
+/// [wire.topics]
+/// "orders" = "base64"             # a topic shared with seed-era Go services
+/// ```
+///
+/// `publish_envelope` writes a topic's encoding (`auto` writes embedded);
+/// `subscribe_envelope` reads it. The health topic is always embedded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WireConfig {
+    /// The encoding of every topic not in `topics`; default `embedded`.
+    pub payload_encoding: PayloadEncoding,
+    /// Per-topic overrides, by exact topic name.
+    pub topics: BTreeMap<String, PayloadEncoding>,
+}
+
+impl WireConfig {
+    /// The payload encoding of `topic`.
+    pub fn encoding_for(&self, topic: &str) -> PayloadEncoding {
+        self.topics.get(topic).copied().unwrap_or(self.payload_encoding)
+    }
 }
 
 mod optional_millis {
@@ -237,10 +267,14 @@ impl<B: Broker> EventBusBuilder<B> {
         if health.monitor {
             // The monitor reads the health topic through the bus's own consumer.
             let seen = obs.clone();
-            let handler: Handler = Handler::Envelope(Arc::new(move |e: Envelope| {
-                seen.health_received(&e.aggregate_id);
-                futures::future::ready(Ok(())).boxed()
-            }));
+            // The health publisher writes embedded, whatever the topic settings.
+            let handler: Handler = Handler::Envelope(
+                Arc::new(move |e: Envelope| {
+                    seen.health_received(&e.aggregate_id);
+                    futures::future::ready(Ok(())).boxed()
+                }),
+                PayloadEncoding::Embedded,
+            );
             handlers.insert(health.topic.clone(), handler);
             obs.add_topic(&health.topic);
         }
@@ -334,7 +368,8 @@ impl<B: Broker> EventBus<B> {
     }
 
     /// Publishes an envelope, keyed by its aggregate ID, with its metadata
-    /// also in headers; the `on_publish_result` callback sees the outcome.
+    /// also in headers, its payload in the topic's encoding (`wire` in
+    /// [`BusConfig`]); the `on_publish_result` callback sees the outcome.
     pub async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<Position, PublishError> {
         let result = self.publish_envelope_once(topic, envelope).await;
         if result.is_ok() {
@@ -376,21 +411,23 @@ impl<B: Broker> EventBus<B> {
     }
 
     async fn publish_envelope_once(&self, topic: &str, envelope: &Envelope) -> Result<Position, PublishError> {
-        let payload = envelope.encode().inspect_err(|_| crate::telemetry::publish_failed(topic, "envelope"))?;
+        let payload = envelope.encode_with(self.config.wire.encoding_for(topic)).inspect_err(|_| crate::telemetry::publish_failed(topic, "envelope"))?;
         let key = Some(envelope.aggregate_id.as_bytes().to_vec());
         let msg = Outbound { topic: topic.to_string(), key, headers: envelope.to_headers(), payload };
         Ok(crate::telemetry::publish(&*self.broker, msg, Some(envelope)).await?)
     }
 
     /// Registers an ordered envelope handler for `topic`: events of one
-    /// aggregate are handled one at a time, in order.
+    /// aggregate are handled one at a time, in order. Payloads are read in
+    /// the topic's encoding (`wire` in [`BusConfig`]).
     pub async fn subscribe_envelope<F, Fut>(&self, topic: &str, handler: F) -> Result<(), SubscribeError>
     where
         F: Fn(Envelope) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
         let obs = self.obs.clone();
-        let handler = Handler::Envelope(Arc::new(move |e| stamp_consumed(obs.clone(), handler(e)).boxed()));
+        let encoding = self.config.wire.encoding_for(topic);
+        let handler = Handler::Envelope(Arc::new(move |e| stamp_consumed(obs.clone(), handler(e)).boxed()), encoding);
         self.register(topic, handler).await
     }
 

@@ -1,7 +1,7 @@
-//! The event envelope: wire format, validation, limits and aggregate ID extraction.
+//! The event envelope: wire format, payload encodings, the reading rules of
+//! the seed's Go services, validation, limits and aggregate ID extraction.
 //!
-//! The JSON wire format is the one the Go seed library writes with
-//! `encoding/json`, so Go and Rust services interoperate in both directions:
+//! One envelope is one compact JSON object (see `docs/wire.md`):
 //!
 //! ```json
 //! {"aggregate_id":"order-1","event_type":"OrderCreated","event_version":1,
@@ -9,21 +9,43 @@
 //!  "correlation_id":"c-1","payload":{"amount":12}}
 //! ```
 //!
-//! (one line on the wire, no spaces). `trace_id` and `correlation_id` are
-//! omitted when empty (Go's `omitempty`); `timestamp` is Go's `RFC3339Nano`
-//! (trailing zeros of the fraction trimmed, `Z` for a zero offset); `payload`
-//! is embedded JSON (Go's `json.RawMessage`), compacted like Go compacts it.
+//! `trace_id` and `correlation_id` are omitted when empty (Go's `omitempty`);
+//! `timestamp` is Go's `RFC3339Nano` (trailing zeros of the fraction trimmed,
+//! `Z` for a zero offset).
+//!
+//! The payload is a byte string ([`Envelope::payload_bytes`]), written in one
+//! of two forms ([`PayloadEncoding`]) — both are in the wild:
+//!
+//! - **embedded**: the payload JSON as is (`"payload":{"amount":12}`), what Go
+//!   writes with `json.RawMessage` or jsoniter, compacted like Go compacts it;
+//! - **base64**: a JSON string holding the standard, padded base64 of the
+//!   bytes (`"payload":"eyJhbW91bnQiOjEyfQ=="`), what the seed itself writes:
+//!   its `RawMessage` is a plain `[]byte` marshalled by `encoding/json`.
+//!
+//! Reading can also be **auto** (embedded JSON kept as is; a JSON string that
+//! is valid padded standard base64 is decoded to its bytes), with one
+//! ambiguity: a genuine JSON string payload that happens to be valid base64
+//! (`"abcd"`) is read as bytes. Configure the explicit encoding to avoid it.
+//!
+//! Reading ([`Envelope::decode`], [`Envelope::decode_with`]) accepts what the
+//! seed's Go decoder (`encoding/json` + `Validate`) accepts — field names in
+//! any case, the last of duplicated keys, a missing or `null` timestamp as
+//! `0001-01-01T00:00:00Z`, an aggregate ID with surrounding spaces (trimmed),
+//! `event_type`/`trace_id`/`correlation_id` of any length — and rejects what
+//! it rejects, each with a typed [`EnvelopeError`]; the size and depth limits
+//! are checked before parsing. Writing ([`Envelope::encode_with`]) is strict:
+//! it only produces what Go reads, and [`Envelope::validate`] adds our limits.
 //!
 //! Known, harmless differences from Go's bytes: Go escapes `<`, `>`, `&`,
 //! U+2028 and U+2029 inside strings (`\u003c` …) and we write them as is; both
 //! sides decode either form to the same value.
-//!
-//! Untrusted bytes go through [`Envelope::decode`], which checks the size and
-//! nesting limits before parsing and validates the result.
 
 use std::fmt;
 
-use serde::de::{self, DeserializeOwned, Deserializer};
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::ser::{self, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -46,13 +68,13 @@ pub const MAX_JSON_DEPTH: usize = 128;
 /// also in bytes).
 pub const MAX_AGGREGATE_ID_LEN: usize = 256;
 
-/// Longest event type, in characters.
+/// Longest event type we write, in characters (reading has no limit, like Go).
 pub const MAX_EVENT_TYPE_LEN: usize = 256;
 
-/// Longest trace ID, in characters.
+/// Longest trace ID we write, in characters (reading has no limit, like Go).
 pub const MAX_TRACE_ID_LEN: usize = 256;
 
-/// Longest correlation ID, in characters.
+/// Longest correlation ID we write, in characters (reading has no limit, like Go).
 pub const MAX_CORRELATION_ID_LEN: usize = 256;
 
 /// Aggregate ID extraction looks at only the first this-many headers of a
@@ -73,6 +95,40 @@ pub const HEADER_TRACE_ID: &str = "X-Trace-ID";
 /// Header carrying the correlation ID, when there is one; set on publish.
 pub const HEADER_CORRELATION_ID: &str = "X-Correlation-ID";
 
+/// How the `payload` field is written and read (`docs/wire.md`).
+///
+/// In configuration: `"embedded"`, `"base64"` or `"auto"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadEncoding {
+    /// The payload JSON embedded as is (Go's `json.RawMessage`, jsoniter).
+    /// Writing needs payload bytes that are JSON; reading takes any JSON
+    /// value but `null`.
+    #[default]
+    Embedded,
+    /// A JSON string with the standard, padded base64 of the payload bytes
+    /// (the seed: a `[]byte` marshalled by `encoding/json`). Reading also
+    /// takes what Go's `[]byte` decoder takes: `\r`/`\n` inside the string
+    /// are skipped, and a JSON array of byte values is those bytes.
+    Base64,
+    /// Reading only: a JSON string that is valid base64 is decoded (as
+    /// [`PayloadEncoding::Base64`]), anything else is embedded JSON.
+    /// Ambiguous for a genuine JSON string payload that is valid base64
+    /// (`"abcd"`): it is read as bytes. Writing with `Auto` writes embedded
+    /// (the form every Go version and every reader mode reads back as JSON).
+    Auto,
+}
+
+impl fmt::Display for PayloadEncoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PayloadEncoding::Embedded => "embedded",
+            PayloadEncoding::Base64 => "base64",
+            PayloadEncoding::Auto => "auto",
+        })
+    }
+}
+
 /// Why an envelope (or an aggregate ID) was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -91,7 +147,8 @@ pub enum EnvelopeError {
     /// The event type is empty or only whitespace.
     #[error("event type is empty")]
     EmptyEventType,
-    /// A text field (`event_type`, `trace_id`, `correlation_id`) is too long.
+    /// A text field (`event_type`, `trace_id`, `correlation_id`) is too long
+    /// to publish (reading has no length limit).
     #[error("{field} is {len} characters long, the limit is {limit}")]
     FieldTooLong {
         field: &'static str,
@@ -99,19 +156,37 @@ pub enum EnvelopeError {
         limit: usize,
     },
     /// A text field that is copied into message headers contains a control
-    /// character (CR/LF would break NATS header framing).
+    /// character (CR/LF would break NATS header framing); checked on publish.
     #[error("{field} contains a control character")]
     ControlCharacter { field: &'static str },
     /// The event version is zero or negative.
     #[error("event version must be positive, got {0}")]
     NonPositiveVersion(i64),
-    /// The payload is missing, empty or only whitespace.
+    /// The payload is missing or has no bytes (`""` in base64, Go's
+    /// "payload is required"), or embedded JSON that is only whitespace.
     #[error("payload is empty")]
     EmptyPayload,
     /// The payload is JSON `null`.
     #[error("payload is JSON null")]
     NullPayload,
-    /// The timestamp cannot be written as RFC 3339 the way Go writes it.
+    /// Base64 reading: the payload is a JSON string that is not standard,
+    /// padded base64 (Go: `illegal base64 data`).
+    #[error("payload is not valid base64: {0}")]
+    InvalidBase64(String),
+    /// The payload's JSON type does not fit the encoding: base64 reading
+    /// found an object, number or boolean (Go: `cannot unmarshal object into
+    /// Go struct field Envelope.payload`).
+    #[error("payload is a JSON {found}, which the {encoding} encoding cannot hold")]
+    PayloadForm {
+        encoding: PayloadEncoding,
+        found: &'static str,
+    },
+    /// Embedded writing: the payload bytes are not JSON (read them with
+    /// [`Envelope::payload_bytes`]; publish them base64).
+    #[error("payload bytes are not JSON and cannot be embedded: {0}")]
+    PayloadNotJson(String),
+    /// The timestamp is not RFC 3339 as Go reads it, or cannot be written as
+    /// Go writes it.
     #[error("invalid timestamp: {0}")]
     InvalidTimestamp(String),
     /// The encoded envelope exceeds [`MAX_ENVELOPE_BYTES`].
@@ -126,7 +201,8 @@ pub enum EnvelopeError {
     /// Serializing the envelope or its payload failed.
     #[error("cannot encode envelope: {0}")]
     Encode(String),
-    /// The payload does not deserialize into the requested type.
+    /// The payload does not deserialize into the requested type (this
+    /// includes payload bytes that are not JSON at all).
     #[error("payload does not match the requested type: {0}")]
     Payload(String),
 }
@@ -135,36 +211,34 @@ pub enum EnvelopeError {
 ///
 /// Equality compares the timestamp's instant *and* offset (they are written
 /// differently on the wire), treats an empty `trace_id`/`correlation_id` like
-/// `None` (both are omitted on the wire) and compares the payload by its raw
-/// JSON text.
+/// `None` (both are omitted on the wire) and compares the payload bytes.
 ///
-/// Deserializing with serde validates (like [`Envelope::decode`]) but does not
-/// apply the size limit: use `decode` for untrusted bytes. Deserializing needs
-/// serde_json's deserializer, because the payload is a [`RawValue`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(try_from = "WireEnvelope")]
+/// Serialize writes the embedded form; Deserialize reads embedded (with the
+/// Go reading rules) and validates the fields read, but does not apply the
+/// size limit: use [`Envelope::decode`] for untrusted bytes. Both need
+/// serde_json, because the payload is embedded as a [`RawValue`].
+#[derive(Debug, Clone)]
 pub struct Envelope {
-    /// Key for per-aggregate ordering; see [`validate_aggregate_id`].
+    /// Key for per-aggregate ordering; see [`validate_aggregate_id`]. Read
+    /// trimmed of surrounding whitespace (Go checks it trimmed).
     pub aggregate_id: String,
-    /// Event name, e.g. `OrderCreated`; at most [`MAX_EVENT_TYPE_LEN`] characters.
+    /// Event name, e.g. `OrderCreated`; written with at most [`MAX_EVENT_TYPE_LEN`] characters.
     pub event_type: String,
     /// Schema version of the payload; positive.
     pub event_version: i64,
-    /// When the event happened; written as Go's `RFC3339Nano`.
-    #[serde(serialize_with = "serialize_timestamp")]
+    /// When the event happened; written as Go's `RFC3339Nano`. Go's zero
+    /// time (`0001-01-01T00:00:00Z`) when the wire had none.
     pub timestamp: OffsetDateTime,
     /// Optional trace ID; omitted from the JSON when `None` or empty.
-    #[serde(skip_serializing_if = "is_none_or_empty")]
     pub trace_id: Option<String>,
     /// Optional correlation ID; omitted from the JSON when `None` or empty.
-    #[serde(skip_serializing_if = "is_none_or_empty")]
     pub correlation_id: Option<String>,
-    /// The event body, embedded as JSON text (Go's `json.RawMessage`).
+    /// The event body as bytes, whatever the wire form: the JSON text of an
+    /// embedded payload (compacted), or the decoded bytes of a base64 one.
     ///
-    /// Must not be JSON `null`: an event without data is almost certainly a
-    /// producer bug (a nil pointer marshalled by Go), and rejecting it here
-    /// beats failing later in a handler. Go's seed only rejects an empty one.
-    pub payload: Box<RawValue>,
+    /// Embedded, it must be JSON and not `null`: an event without data is
+    /// almost certainly a producer bug (a nil pointer marshalled by Go).
+    pub payload: Vec<u8>,
 }
 
 impl PartialEq for Envelope {
@@ -176,20 +250,50 @@ impl PartialEq for Envelope {
             && self.timestamp.offset() == other.timestamp.offset()
             && non_empty(&self.trace_id) == non_empty(&other.trace_id)
             && non_empty(&self.correlation_id) == non_empty(&other.correlation_id)
-            && self.payload.get() == other.payload.get()
+            && self.payload == other.payload
     }
 }
 
+/// Go's zero `time.Time`, `0001-01-01T00:00:00Z`: the timestamp of an
+/// envelope read without one (missing or `null`).
+pub const GO_ZERO_TIME: OffsetDateTime = time::macros::datetime!(0001-01-01 00:00:00 UTC);
+
+/// The engine Go's `base64.StdEncoding` is: standard alphabet, padding
+/// required, non-zero trailing bits tolerated.
+const GO_STD_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(true)
+        .with_decode_padding_mode(DecodePaddingMode::RequireCanonical)
+        .with_decode_allow_trailing_bits(true),
+);
+
 impl Envelope {
-    /// Builds and validates an envelope stamped with the current UTC time.
+    /// Builds and validates an envelope with a JSON payload, stamped with
+    /// the current UTC time.
     pub fn new(
         aggregate_id: impl Into<String>,
         event_type: impl Into<String>,
         event_version: i64,
         payload: &impl Serialize,
     ) -> Result<Envelope, EnvelopeError> {
-        let payload = serde_json::value::to_raw_value(payload)
-            .map_err(|e| EnvelopeError::Encode(e.to_string()))?;
+        let payload =
+            serde_json::to_vec(payload).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
+        let envelope =
+            Envelope::with_payload_bytes(aggregate_id, event_type, event_version, payload)?;
+        envelope.validate()?;
+        Ok(envelope)
+    }
+
+    /// Builds an envelope with raw payload bytes, stamped with the current
+    /// UTC time, and validates it for base64 (publish bytes that are not
+    /// JSON with [`PayloadEncoding::Base64`]; embedded encoding refuses them).
+    pub fn with_payload_bytes(
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        event_version: i64,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<Envelope, EnvelopeError> {
         let envelope = Envelope {
             aggregate_id: aggregate_id.into(),
             event_type: event_type.into(),
@@ -197,9 +301,9 @@ impl Envelope {
             timestamp: OffsetDateTime::now_utc(),
             trace_id: None,
             correlation_id: None,
-            payload,
+            payload: payload.into(),
         };
-        envelope.validate()?;
+        envelope.validate_for(PayloadEncoding::Base64)?;
         Ok(envelope)
     }
 
@@ -224,13 +328,31 @@ impl Envelope {
         self
     }
 
-    /// Deserializes the payload into `T`.
-    pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, EnvelopeError> {
-        serde_json::from_str(self.payload.get()).map_err(|e| EnvelopeError::Payload(e.to_string()))
+    /// The payload bytes, whatever the wire form (embedded JSON text, or the
+    /// decoded base64 bytes).
+    pub fn payload_bytes(&self) -> &[u8] {
+        &self.payload
     }
 
-    /// Checks every field; see [`EnvelopeError`] for the rules.
+    /// Deserializes the payload bytes as JSON into `T`. Payload bytes that
+    /// are not JSON (a base64 payload of arbitrary bytes) fail with
+    /// [`EnvelopeError::Payload`], as does JSON of another shape.
+    pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, EnvelopeError> {
+        serde_json::from_slice(&self.payload).map_err(|e| EnvelopeError::Payload(e.to_string()))
+    }
+
+    /// Checks every field for publishing embedded (the default encoding):
+    /// `validate_for(PayloadEncoding::Embedded)`.
     pub fn validate(&self) -> Result<(), EnvelopeError> {
+        self.validate_for(PayloadEncoding::Embedded)
+    }
+
+    /// Checks every field for publishing in `encoding`: the reading rules
+    /// plus our limits (text lengths, no control characters in text copied
+    /// to headers, a timestamp Go can write); embedded (and `Auto`, which
+    /// writes embedded) also needs payload bytes that are JSON, not `null`,
+    /// within the depth limit. Base64 takes any non-empty bytes.
+    pub fn validate_for(&self, encoding: PayloadEncoding) -> Result<(), EnvelopeError> {
         validate_aggregate_id(&self.aggregate_id)?;
         if self.event_type.trim().is_empty() {
             return Err(EnvelopeError::EmptyEventType);
@@ -246,14 +368,38 @@ impl Envelope {
         if let Some(id) = &self.correlation_id {
             validate_text("correlation_id", id, MAX_CORRELATION_ID_LEN)?;
         }
-        validate_payload(&self.payload)
+        if self.payload.is_empty() {
+            return Err(EnvelopeError::EmptyPayload);
+        }
+        if encoding != PayloadEncoding::Base64 {
+            embeddable(&self.payload)?;
+        }
+        Ok(())
     }
 
-    /// Validates and writes the envelope as compact JSON (Go's field order).
+    /// Validates and writes the envelope as compact JSON (Go's field order)
+    /// with an embedded payload: `encode_with(PayloadEncoding::Embedded)`.
     pub fn encode(&self) -> Result<Vec<u8>, EnvelopeError> {
-        // Never put on the wire what a consumer would reject.
-        self.validate()?;
-        let bytes = serde_json::to_vec(self).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
+        self.encode_with(PayloadEncoding::Embedded)
+    }
+
+    /// Validates and writes the envelope as compact JSON (Go's field order)
+    /// with the payload in `encoding` (`Auto` writes embedded). Never puts on
+    /// the wire what a consumer in that encoding, or Go, would reject.
+    pub fn encode_with(&self, encoding: PayloadEncoding) -> Result<Vec<u8>, EnvelopeError> {
+        self.validate_for(encoding)?;
+        let encoded;
+        let payload = match encoding {
+            PayloadEncoding::Embedded | PayloadEncoding::Auto => {
+                WirePayload::Embedded(embeddable(&self.payload)?)
+            }
+            PayloadEncoding::Base64 => {
+                encoded = GO_STD_BASE64.encode(&self.payload);
+                WirePayload::Base64(&encoded)
+            }
+        };
+        let bytes = serde_json::to_vec(&self.wire_out(payload))
+            .map_err(|e| EnvelopeError::Encode(e.to_string()))?;
         if bytes.len() > MAX_ENVELOPE_BYTES {
             return Err(EnvelopeError::TooLarge {
                 size: bytes.len(),
@@ -263,14 +409,34 @@ impl Envelope {
         Ok(bytes)
     }
 
-    /// Parses and validates untrusted bytes. Size ([`MAX_ENVELOPE_BYTES`]) and
-    /// nesting ([`MAX_JSON_DEPTH`]) are checked before the JSON is parsed.
+    fn wire_out<'a>(&'a self, payload: WirePayload<'a>) -> WireOut<'a> {
+        WireOut {
+            aggregate_id: &self.aggregate_id,
+            event_type: &self.event_type,
+            event_version: self.event_version,
+            timestamp: self.timestamp,
+            trace_id: non_empty(&self.trace_id),
+            correlation_id: non_empty(&self.correlation_id),
+            payload,
+        }
+    }
+
+    /// Parses and validates untrusted bytes with an embedded payload:
+    /// `decode_with(bytes, PayloadEncoding::Embedded)`.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
+        Envelope::decode_with(bytes, PayloadEncoding::Embedded)
+    }
+
+    /// Parses untrusted bytes with Go's reading rules (`docs/wire.md`) and
+    /// the payload in `encoding`, and validates them like the seed's Go
+    /// `Validate`. Size ([`MAX_ENVELOPE_BYTES`]) and nesting
+    /// ([`MAX_JSON_DEPTH`]) are checked before the JSON is parsed.
     ///
     /// Unknown fields are ignored (forward compatibility, like Go); a missing
-    /// `aggregate_id`, `event_type`, `event_version` or `payload` is reported as
-    /// the matching validation error; `null` or `""` trace/correlation IDs
+    /// `aggregate_id`, `event_type`, `event_version` or `payload` is reported
+    /// as the matching validation error; `null` or `""` trace/correlation IDs
     /// decode as `None`.
-    pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
+    pub fn decode_with(bytes: &[u8], encoding: PayloadEncoding) -> Result<Envelope, EnvelopeError> {
         if bytes.len() > MAX_ENVELOPE_BYTES {
             return Err(EnvelopeError::TooLarge {
                 size: bytes.len(),
@@ -282,15 +448,9 @@ impl Envelope {
                 limit: MAX_JSON_DEPTH,
             });
         }
-        // serde's derived struct visitor would also accept a JSON array; Go does not.
-        if bytes.iter().find(|b| !is_json_whitespace(**b)) == Some(&b'[') {
-            return Err(EnvelopeError::Decode(
-                "expected a JSON object, found an array".into(),
-            ));
-        }
         let wire: WireEnvelope =
             serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Decode(e.to_string()))?;
-        Envelope::try_from(wire)
+        wire.into_envelope(encoding)
     }
 
     /// Headers to set when publishing, so consumers (and tools that never read
@@ -321,8 +481,56 @@ impl Envelope {
     }
 }
 
+impl Serialize for Envelope {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let payload = embeddable(&self.payload).map_err(ser::Error::custom)?;
+        self.wire_out(WirePayload::Embedded(payload)).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        WireEnvelope::deserialize(d)?
+            .into_envelope(PayloadEncoding::Embedded)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// The payload bytes as embeddable JSON text: compact, valid, not `null`,
+/// within the depth limit.
+fn embeddable(payload: &[u8]) -> Result<Box<RawValue>, EnvelopeError> {
+    if payload.iter().all(|b| is_json_whitespace(*b)) {
+        return Err(EnvelopeError::EmptyPayload);
+    }
+    let text =
+        std::str::from_utf8(payload).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
+    let raw: Box<RawValue> =
+        serde_json::from_str(text).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
+    let raw = compact_raw(raw).map_err(|e| EnvelopeError::PayloadNotJson(e.to_string()))?;
+    check_embedded(raw.get())?;
+    Ok(raw)
+}
+
+/// The embedded form's rules, on compact JSON text.
+fn check_embedded(raw: &str) -> Result<(), EnvelopeError> {
+    if raw.is_empty() {
+        return Err(EnvelopeError::EmptyPayload);
+    }
+    if raw == "null" {
+        return Err(EnvelopeError::NullPayload);
+    }
+    // The envelope object is one level, so the payload gets one less.
+    if json_depth_exceeds(raw.as_bytes(), MAX_JSON_DEPTH - 1) {
+        return Err(EnvelopeError::TooDeep {
+            limit: MAX_JSON_DEPTH,
+        });
+    }
+    Ok(())
+}
+
 /// Checks an aggregate ID: not empty or blank, at most [`MAX_AGGREGATE_ID_LEN`]
-/// characters, only `A-Z a-z 0-9 : _ - . /`. IDs are used as is, never trimmed.
+/// characters, only `A-Z a-z 0-9 : _ - . /`. The ID is checked as is; reading
+/// trims it first (Go's rule), extraction never trims.
 pub fn validate_aggregate_id(id: &str) -> Result<(), EnvelopeError> {
     if id.trim().is_empty() {
         return Err(EnvelopeError::EmptyAggregateId);
@@ -453,25 +661,6 @@ fn validate_text(field: &'static str, value: &str, limit: usize) -> Result<(), E
     Ok(())
 }
 
-fn validate_payload(payload: &RawValue) -> Result<(), EnvelopeError> {
-    let raw = payload
-        .get()
-        .trim_matches(|c: char| c.is_ascii() && is_json_whitespace(c as u8));
-    if raw.is_empty() {
-        return Err(EnvelopeError::EmptyPayload);
-    }
-    if raw == "null" {
-        return Err(EnvelopeError::NullPayload);
-    }
-    // The envelope object is one level, so the payload gets one less.
-    if json_depth_exceeds(raw.as_bytes(), MAX_JSON_DEPTH - 1) {
-        return Err(EnvelopeError::TooDeep {
-            limit: MAX_JSON_DEPTH,
-        });
-    }
-    Ok(())
-}
-
 /// Go can only write years 0..=9999 and offsets of whole minutes under 24 h.
 fn check_timestamp(ts: OffsetDateTime) -> Result<(), EnvelopeError> {
     let (h, _, s) = ts.offset().as_hms();
@@ -521,10 +710,18 @@ fn format_go_rfc3339_nano(ts: OffsetDateTime) -> Result<String, EnvelopeError> {
     Ok(out)
 }
 
-/// Parses RFC 3339; rejects the non-`T` separators the `time` crate tolerates.
+/// Parses RFC 3339 as Go's `time.Time` does (Go 1.20 and later, strict):
+/// only an upper-case `T` separator and `Z` (the `time` crate also takes
+/// `t`, `z` and a space), no leap second.
 fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, String> {
-    if !matches!(s.as_bytes().get(10), Some(b'T' | b't')) {
+    if s.as_bytes().get(10) != Some(&b'T') || s.contains('z') {
         return Err(format!("{s:?} is not an RFC 3339 timestamp"));
+    }
+    // The `time` crate reads a leap second (`23:59:60`); Go rejects second 60.
+    if s.get(17..19) == Some("60") {
+        return Err(format!(
+            "{s:?} is not an RFC 3339 timestamp: second out of range"
+        ));
     }
     OffsetDateTime::parse(s, &Rfc3339)
         .map_err(|e| format!("{s:?} is not an RFC 3339 timestamp: {e}"))
@@ -535,72 +732,236 @@ fn serialize_timestamp<S: Serializer>(ts: &OffsetDateTime, s: S) -> Result<S::Ok
     s.serialize_str(&text)
 }
 
-fn is_none_or_empty(v: &Option<String>) -> bool {
-    non_empty(v).is_none()
-}
-
 fn non_empty(v: &Option<String>) -> Option<&str> {
     v.as_deref().filter(|s| !s.is_empty())
 }
 
-/// What the JSON holds before validation. Zero values for missing fields, like
-/// Go, so a missing field surfaces as the matching typed validation error.
-#[derive(Deserialize)]
-#[serde(rename = "Envelope")]
-struct WireEnvelope {
-    #[serde(default)]
-    aggregate_id: String,
-    #[serde(default)]
-    event_type: String,
-    #[serde(default)]
+/// What we write, in Go's field order.
+#[derive(Serialize)]
+struct WireOut<'a> {
+    aggregate_id: &'a str,
+    event_type: &'a str,
     event_version: i64,
-    #[serde(deserialize_with = "deserialize_timestamp")]
+    #[serde(serialize_with = "serialize_timestamp")]
     timestamp: OffsetDateTime,
-    #[serde(default, deserialize_with = "deserialize_opt_text")]
-    trace_id: Option<String>,
-    #[serde(default, deserialize_with = "deserialize_opt_text")]
-    correlation_id: Option<String>,
-    #[serde(default, deserialize_with = "deserialize_payload")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
+    payload: WirePayload<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WirePayload<'a> {
+    Embedded(Box<RawValue>),
+    Base64(&'a str),
+}
+
+/// What the JSON holds before validation, read like Go's `encoding/json`
+/// reads the seed's struct: field names matched case-insensitively (Go's
+/// folding, so `ſ` and the Kelvin sign match `s` and `k`), the last of
+/// duplicated keys wins, `null` leaves a field as it was (Go's rule for
+/// strings, numbers and `time.Time`), unknown fields are skipped. Zero values
+/// for missing fields, like Go, so a missing field surfaces as the matching
+/// typed validation error. The payload is kept as raw text (`null`
+/// included) and interpreted by [`WireEnvelope::into_envelope`].
+#[derive(Default)]
+struct WireEnvelope {
+    aggregate_id: String,
+    event_type: String,
+    event_version: i64,
+    timestamp: Option<OffsetDateTime>,
+    trace_id: String,
+    correlation_id: String,
     payload: Option<Box<RawValue>>,
 }
 
-impl TryFrom<WireEnvelope> for Envelope {
-    type Error = EnvelopeError;
+#[derive(Clone, Copy)]
+enum Field {
+    AggregateId,
+    EventType,
+    EventVersion,
+    Timestamp,
+    TraceId,
+    CorrelationId,
+    Payload,
+}
 
-    fn try_from(w: WireEnvelope) -> Result<Self, Self::Error> {
-        let envelope = Envelope {
-            aggregate_id: w.aggregate_id,
-            event_type: w.event_type,
-            event_version: w.event_version,
-            timestamp: w.timestamp,
-            trace_id: w.trace_id,
-            correlation_id: w.correlation_id,
-            payload: w.payload.ok_or(EnvelopeError::EmptyPayload)?,
-        };
-        envelope.validate()?;
-        Ok(envelope)
+const FIELDS: [(&str, Field); 7] = [
+    ("aggregate_id", Field::AggregateId),
+    ("event_type", Field::EventType),
+    ("event_version", Field::EventVersion),
+    ("timestamp", Field::Timestamp),
+    ("trace_id", Field::TraceId),
+    ("correlation_id", Field::CorrelationId),
+    ("payload", Field::Payload),
+];
+
+/// Go's `encoding/json` key match for an ASCII field name (`equalFoldRight`
+/// of Go 1.19, the same result as `bytes.EqualFold` for these names): ASCII
+/// letters in any case, plus U+017F (ſ) for `s` and U+212A (Kelvin) for `k`.
+fn go_key_matches(name: &str, key: &str) -> bool {
+    let mut key = key.chars();
+    for n in name.chars() {
+        let Some(k) = key.next() else { return false };
+        let same = k.eq_ignore_ascii_case(&n)
+            || (n == 's' && k == '\u{17F}')
+            || (n == 'k' && k == '\u{212A}');
+        if !same {
+            return false;
+        }
+    }
+    key.next().is_none()
+}
+
+fn field_of(key: &str) -> Option<Field> {
+    FIELDS
+        .iter()
+        .find(|(name, _)| go_key_matches(name, key))
+        .map(|(_, f)| *f)
+}
+
+impl<'de> Deserialize<'de> for WireEnvelope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(WireVisitor)
     }
 }
 
-fn deserialize_timestamp<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
-    let text = String::deserialize(d)?;
-    parse_rfc3339(&text).map_err(de::Error::custom)
+struct WireVisitor;
+
+impl<'de> Visitor<'de> for WireVisitor {
+    type Value = WireEnvelope;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an envelope JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<WireEnvelope, A::Error> {
+        let mut w = WireEnvelope::default();
+        while let Some(key) = map.next_key::<String>()? {
+            let Some(field) = field_of(&key) else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            // `null` is a no-op for Go's string, int64 and time.Time fields.
+            match field {
+                Field::AggregateId => set(&mut w.aggregate_id, map.next_value()?),
+                Field::EventType => set(&mut w.event_type, map.next_value()?),
+                Field::EventVersion => set(&mut w.event_version, map.next_value()?),
+                Field::TraceId => set(&mut w.trace_id, map.next_value()?),
+                Field::CorrelationId => set(&mut w.correlation_id, map.next_value()?),
+                Field::Timestamp => {
+                    if let Some(text) = map.next_value::<Option<String>>()? {
+                        w.timestamp = Some(parse_rfc3339(&text).map_err(de::Error::custom)?);
+                    }
+                }
+                Field::Payload => w.payload = Some(map.next_value()?),
+            }
+        }
+        Ok(w)
+    }
 }
 
-/// `null` and `""` both mean "absent", as with Go's `string` + `omitempty`.
-fn deserialize_opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
 }
 
-/// Takes the payload's raw text (`null` included, unlike `Option`'s default)
-/// and compacts it, as Go's `json.Marshal` compacts a `RawMessage`.
-fn deserialize_payload<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    let raw = Box::<RawValue>::deserialize(d)?;
+impl WireEnvelope {
+    /// Applies the seed's `Validate` (aggregate ID checked trimmed, event
+    /// type not blank, version positive, payload not empty) and reads the
+    /// payload in `encoding`.
+    fn into_envelope(self, encoding: PayloadEncoding) -> Result<Envelope, EnvelopeError> {
+        let aggregate_id = self.aggregate_id.trim();
+        validate_aggregate_id(aggregate_id)?;
+        if self.event_type.trim().is_empty() {
+            return Err(EnvelopeError::EmptyEventType);
+        }
+        if self.event_version <= 0 {
+            return Err(EnvelopeError::NonPositiveVersion(self.event_version));
+        }
+        let raw = self.payload.ok_or(EnvelopeError::EmptyPayload)?;
+        let payload = read_payload(raw, encoding)?;
+        Ok(Envelope {
+            aggregate_id: aggregate_id.to_owned(),
+            event_type: self.event_type,
+            event_version: self.event_version,
+            timestamp: self.timestamp.unwrap_or(GO_ZERO_TIME),
+            trace_id: Some(self.trace_id).filter(|s| !s.is_empty()),
+            correlation_id: Some(self.correlation_id).filter(|s| !s.is_empty()),
+            payload,
+        })
+    }
+}
+
+/// The JSON type of raw, valid JSON text, by its first byte.
+fn json_kind(raw: &str) -> &'static str {
+    match raw.as_bytes().first() {
+        Some(b'{') => "object",
+        Some(b'[') => "array",
+        Some(b'"') => "string",
+        Some(b't' | b'f') => "boolean",
+        Some(b'n') => "null",
+        _ => "number",
+    }
+}
+
+/// The payload bytes of the payload's raw JSON text, read in `encoding`.
+fn read_payload(raw: Box<RawValue>, encoding: PayloadEncoding) -> Result<Vec<u8>, EnvelopeError> {
+    let kind = json_kind(raw.get());
+    match (encoding, kind) {
+        (PayloadEncoding::Base64, "null") => Err(EnvelopeError::EmptyPayload),
+        (PayloadEncoding::Base64 | PayloadEncoding::Auto, "string") => {
+            let text: String = serde_json::from_str(raw.get())
+                .map_err(|e| EnvelopeError::Decode(e.to_string()))?;
+            match (go_base64_decode(&text), encoding) {
+                (Ok(bytes), _) if bytes.is_empty() => Err(EnvelopeError::EmptyPayload),
+                (Ok(bytes), _) => Ok(bytes),
+                (Err(e), PayloadEncoding::Base64) => Err(EnvelopeError::InvalidBase64(e)),
+                (Err(_), _) => embedded_bytes(raw),
+            }
+        }
+        (PayloadEncoding::Base64, "array") => {
+            // Go's []byte decoder takes a JSON array of byte values too.
+            let bytes: Vec<u8> =
+                serde_json::from_str(raw.get()).map_err(|_| EnvelopeError::PayloadForm {
+                    encoding,
+                    found: "array",
+                })?;
+            if bytes.is_empty() {
+                return Err(EnvelopeError::EmptyPayload);
+            }
+            Ok(bytes)
+        }
+        (PayloadEncoding::Base64, found) => Err(EnvelopeError::PayloadForm { encoding, found }),
+        _ => embedded_bytes(raw),
+    }
+}
+
+fn embedded_bytes(raw: Box<RawValue>) -> Result<Vec<u8>, EnvelopeError> {
+    let raw = compact_raw(raw).map_err(|e| EnvelopeError::Decode(e.to_string()))?;
+    check_embedded(raw.get())?;
+    Ok(raw.get().as_bytes().to_vec())
+}
+
+/// Go's `base64.StdEncoding.DecodeString`: `\r` and `\n` are skipped,
+/// padding is required, non-zero trailing bits are tolerated.
+fn go_base64_decode(text: &str) -> Result<Vec<u8>, String> {
+    let decoded = if text.contains(['\r', '\n']) {
+        GO_STD_BASE64.decode(text.replace(['\r', '\n'], ""))
+    } else {
+        GO_STD_BASE64.decode(text)
+    };
+    decoded.map_err(|e| e.to_string())
+}
+
+/// Compacts raw JSON text, as Go's `json.Marshal` compacts a `RawMessage`.
+fn compact_raw(raw: Box<RawValue>) -> Result<Box<RawValue>, serde_json::Error> {
     match compact_json(raw.get()) {
-        None => Ok(Some(raw)),
-        Some(compact) => RawValue::from_string(compact)
-            .map(Some)
-            .map_err(de::Error::custom),
+        None => Ok(raw),
+        Some(compact) => RawValue::from_string(compact),
     }
 }
 

@@ -314,7 +314,7 @@ mod tests {
         let env = health_envelope("api-1", 7).unwrap();
         let decoded = Envelope::decode(&env.encode().unwrap()).unwrap();
         assert_eq!((decoded.aggregate_id.as_str(), decoded.event_type.as_str()), ("api-1", HEALTH_EVENT_TYPE));
-        let payload: serde_json::Value = serde_json::from_str(decoded.payload.get()).unwrap();
+        let payload: serde_json::Value = decoded.payload_as().unwrap();
         assert_eq!(payload, serde_json::json!({ "instance_id": "api-1", "sequence": 7 }));
     }
 

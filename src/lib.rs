@@ -27,4 +27,4 @@ pub use backlog::{BacklogEvent, BacklogSource};
 pub use bus::{BusConfig, EventBus};
 pub use callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
 pub use health::HealthReport;
-pub use envelope::Envelope;
+pub use envelope::{Envelope, PayloadEncoding};

@@ -3,15 +3,18 @@
 use eventbus::envelope::*;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use time::macros::datetime;
 use time::{OffsetDateTime, UtcOffset};
 
 type Headers = Vec<(String, Vec<u8>)>;
 
-fn raw(json: &str) -> Box<RawValue> {
-    RawValue::from_string(json.to_owned()).unwrap()
+fn raw(json: &str) -> Vec<u8> {
+    json.as_bytes().to_vec()
+}
+
+fn text(e: &Envelope) -> &str {
+    std::str::from_utf8(e.payload_bytes()).unwrap()
 }
 
 fn sample() -> Envelope {
@@ -53,7 +56,7 @@ fn go_document_with_all_fields_round_trips_byte_for_byte() {
     );
     assert_eq!(e.correlation_id.as_deref(), Some("req-42"));
     assert_eq!(
-        e.payload.get(),
+        text(&e),
         r#"{"amount":12.5,"items":[{"sku":"A-1","qty":2}],"note":"满额减 \"x\""}"#
     );
     assert_eq!(String::from_utf8(e.encode().unwrap()).unwrap(), GO_FULL);
@@ -114,7 +117,7 @@ fn new_builders_payload_and_headers() {
     let before = OffsetDateTime::now_utc();
     let e = Envelope::new("order-1", "OrderCreated", 2, &Created { amount: 5 }).unwrap();
     assert!(e.timestamp >= before && e.timestamp.offset().is_utc());
-    assert_eq!(e.payload.get(), r#"{"amount":5}"#);
+    assert_eq!(text(&e), r#"{"amount":5}"#);
     assert_eq!(e.payload_as::<Created>().unwrap(), Created { amount: 5 });
     assert!(matches!(
         e.payload_as::<Vec<u8>>(),
@@ -362,7 +365,10 @@ fn decode_reports_typed_errors() {
     assert!(decode_err("{").contains("EOF"));
     assert!(decode_err(&format!("{GO_MINIMAL} x")).contains("trailing characters"));
     assert!(decode_err("42").contains("invalid type"));
-    assert!(decode_err(r#"["a","T",1,"2024-01-02T15:04:05Z",null,null,1]"#).contains("array"));
+    assert!(
+        decode_err(r#"["a","T",1,"2024-01-02T15:04:05Z",null,null,1]"#)
+            .contains("invalid type: sequence")
+    );
     assert!(decode_err(&doc(
         r#""aggregate_id":"a","event_type":"T","event_version":"1","payload":1"#
     ))
@@ -371,10 +377,13 @@ fn decode_reports_typed_errors() {
         r#""aggregate_id":"a","event_type":"T","event_version":1.5,"payload":1"#
     ))
     .contains("invalid type"));
-    assert!(
-        decode_err(r#"{"aggregate_id":"a","event_type":"T","event_version":1,"payload":1}"#)
-            .contains("missing field `timestamp`")
-    );
+    // Go's reading rules (docs/wire.md): a missing or null timestamp is Go's zero time.
+    for doc in [
+        r#"{"aggregate_id":"a","event_type":"T","event_version":1,"payload":1}"#,
+        r#"{"aggregate_id":"a","event_type":"T","event_version":1,"payload":1,"timestamp":null}"#,
+    ] {
+        assert_eq!(decode_str(doc).unwrap().timestamp, GO_ZERO_TIME);
+    }
     for ts in [
         "2024-01-02",
         "2024-01-02 15:04:05Z",
@@ -387,7 +396,14 @@ fn decode_reports_typed_errors() {
         ));
         assert!(msg.contains("RFC 3339"), "{ts}: {msg}");
     }
-    assert!(decode_err(r#"{"aggregate_id":"a","aggregate_id":"b"}"#).contains("duplicate field"));
+    assert!(
+        decode_err(r#"{"aggregate_id":"a","timestamp":"2024-01-02t15:04:05Z"}"#)
+            .contains("RFC 3339")
+    );
+    assert!(
+        decode_err(r#"{"aggregate_id":"a","timestamp":"2024-01-02T15:04:05z"}"#)
+            .contains("RFC 3339")
+    );
     assert!(matches!(
         Envelope::decode(b"{\"aggregate_id\":\"\xff\"}"),
         Err(EnvelopeError::Decode(_))
@@ -423,7 +439,7 @@ fn errors_have_clear_messages() {
 #[test]
 fn envelope_size_limit_is_inclusive_and_checked_before_parsing() {
     let mut e = sample();
-    let overhead = e.encode().unwrap().len() - e.payload.get().len();
+    let overhead = e.encode().unwrap().len() - text(&e).len();
     e.payload = raw(&format!(
         "\"{}\"",
         "x".repeat(MAX_ENVELOPE_BYTES - overhead - 2)
@@ -885,4 +901,299 @@ proptest! {
         let decoded = Envelope::decode(&payload).ok();
         prop_assert_eq!(aggregate_id_from(decoded.as_ref(), &headers, key.as_deref(), subject.as_deref()), got);
     }
+}
+
+// ---------------------------------------------------------------- payload encodings and Go's reading rules
+// (docs/wire.md names these tests; tests/interop.rs runs the same rules through the Go peer.)
+
+fn go_doc(rest: &str) -> String {
+    format!(
+        r#"{{"aggregate_id":"a-1","event_type":"T","event_version":1,"timestamp":"2024-01-02T15:04:05Z",{rest}}}"#
+    )
+}
+
+#[test]
+fn payload_encodings_write_and_read_both_wire_forms() {
+    let e = sample();
+    let embedded = String::from_utf8(e.encode_with(PayloadEncoding::Embedded).unwrap()).unwrap();
+    let base64 = String::from_utf8(e.encode_with(PayloadEncoding::Base64).unwrap()).unwrap();
+    assert!(
+        embedded.ends_with(r#""payload":{"amount":12}}"#),
+        "{embedded}"
+    );
+    assert!(
+        base64.ends_with(r#""payload":"eyJhbW91bnQiOjEyfQ=="}"#),
+        "{base64}"
+    );
+    // Auto writes embedded.
+    assert_eq!(
+        e.encode_with(PayloadEncoding::Auto).unwrap(),
+        embedded.as_bytes()
+    );
+    assert_eq!(e.encode().unwrap(), embedded.as_bytes());
+    for (text, encoding) in [
+        (&embedded, PayloadEncoding::Embedded),
+        (&embedded, PayloadEncoding::Auto),
+        (&base64, PayloadEncoding::Base64),
+        (&base64, PayloadEncoding::Auto),
+    ] {
+        let back = Envelope::decode_with(text.as_bytes(), encoding).unwrap();
+        assert_eq!(back, e, "{encoding}");
+        assert_eq!(back.payload_bytes(), br#"{"amount":12}"#);
+        assert_eq!(back.payload_as::<Value>().unwrap(), json!({"amount": 12}));
+    }
+    // The wrong reader: base64 text is a JSON string to the embedded reader,
+    // an object is a typed error to the base64 reader.
+    let as_embedded = Envelope::decode_with(base64.as_bytes(), PayloadEncoding::Embedded).unwrap();
+    assert_eq!(
+        as_embedded.payload_as::<String>().unwrap(),
+        "eyJhbW91bnQiOjEyfQ=="
+    );
+    assert_eq!(
+        Envelope::decode_with(embedded.as_bytes(), PayloadEncoding::Base64),
+        Err(EnvelopeError::PayloadForm {
+            encoding: PayloadEncoding::Base64,
+            found: "object"
+        })
+    );
+}
+
+#[test]
+fn base64_payload_that_is_not_json_is_bytes_and_payload_as_fails_typed() {
+    let bytes = vec![0u8, 159, 146, 150, 255];
+    let e = Envelope::with_payload_bytes("a-1", "Blob", 1, bytes.clone()).unwrap();
+    // Embedded cannot carry it: a typed error, nothing written.
+    assert!(matches!(e.encode(), Err(EnvelopeError::PayloadNotJson(_))));
+    assert!(matches!(
+        e.validate(),
+        Err(EnvelopeError::PayloadNotJson(_))
+    ));
+    let wire = e.encode_with(PayloadEncoding::Base64).unwrap();
+    for encoding in [PayloadEncoding::Base64, PayloadEncoding::Auto] {
+        let back = Envelope::decode_with(&wire, encoding).unwrap();
+        assert_eq!(back.payload_bytes(), bytes);
+        assert!(matches!(
+            back.payload_as::<Value>(),
+            Err(EnvelopeError::Payload(_))
+        ));
+    }
+    assert_eq!(
+        Envelope::with_payload_bytes("a-1", "Blob", 1, Vec::new()).unwrap_err(),
+        EnvelopeError::EmptyPayload
+    );
+}
+
+#[test]
+fn auto_reads_a_base64_looking_json_string_as_bytes_the_documented_ambiguity() {
+    // A genuine JSON string payload "abcd" (written embedded) is valid base64:
+    // auto decodes it to 3 bytes; the explicit embedded setting reads the string.
+    let e = Envelope::new("a-1", "Note", 1, &"abcd").unwrap();
+    let wire = e.encode().unwrap();
+    let auto = Envelope::decode_with(&wire, PayloadEncoding::Auto).unwrap();
+    assert_eq!(auto.payload_bytes(), [0x69, 0xb7, 0x1d]);
+    assert!(auto.payload_as::<String>().is_err());
+    let embedded = Envelope::decode_with(&wire, PayloadEncoding::Embedded).unwrap();
+    assert_eq!(embedded.payload_as::<String>().unwrap(), "abcd");
+    // A string that is not base64 stays a JSON string under auto.
+    let hello = Envelope::new("a-1", "Note", 1, &"hello")
+        .unwrap()
+        .encode()
+        .unwrap();
+    assert_eq!(
+        Envelope::decode_with(&hello, PayloadEncoding::Auto)
+            .unwrap()
+            .payload_as::<String>()
+            .unwrap(),
+        "hello"
+    );
+}
+
+#[test]
+fn go_reading_rules_field_names_duplicates_nulls_and_timestamps() {
+    // Field names in any case (Go's folding: ſ matches s).
+    let e = decode_str(
+        r#"{"AGGREGATE_ID":"a-1","Event_Type":"T","event_verſion":2,"TimeStamp":"2024-01-02T15:04:05Z","Trace_Id":"t","PAYLOAD":1}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            e.aggregate_id.as_str(),
+            e.event_version,
+            e.trace_id.as_deref()
+        ),
+        ("a-1", 2, Some("t"))
+    );
+    // The last of duplicated keys wins, in any case.
+    let e = decode_str(&go_doc(
+        r#""aggregate_id":"a-2","AGGREGATE_ID":"a-3","payload":1,"payload":2"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        (e.aggregate_id.as_str(), e.payload_bytes()),
+        ("a-3", &b"2"[..])
+    );
+    // null leaves a field as it was (Go: null is a no-op for strings, numbers, time).
+    let e = decode_str(&go_doc(
+        r#""trace_id":"t-1","trace_id":null,"event_version":null,"timestamp":null,"payload":1"#,
+    ))
+    .unwrap();
+    assert_eq!((e.trace_id.as_deref(), e.event_version), (Some("t-1"), 1));
+    assert_eq!(e.timestamp, datetime!(2024-01-02 15:04:05 UTC));
+    // Missing or null timestamp: Go's zero time.
+    let e = decode_str(
+        r#"{"aggregate_id":"a","event_type":"T","event_version":1,"timestamp":null,"payload":1}"#,
+    )
+    .unwrap();
+    assert_eq!(e.timestamp, GO_ZERO_TIME);
+    assert_eq!(GO_ZERO_TIME, datetime!(0001-01-01 00:00:00 UTC));
+    assert!(String::from_utf8(e.encode().unwrap())
+        .unwrap()
+        .contains(r#""timestamp":"0001-01-01T00:00:00Z""#));
+    // Go (1.20+) rejects a leap second, lower-case t/z; so do we.
+    for ts in [
+        "2024-12-31T23:59:60Z",
+        "2024-01-02t15:04:05Z",
+        "2024-01-02T15:04:05z",
+    ] {
+        let doc = format!(
+            r#"{{"aggregate_id":"a","event_type":"T","event_version":1,"timestamp":"{ts}","payload":1}}"#
+        );
+        assert!(
+            matches!(decode_str(&doc), Err(EnvelopeError::Decode(m)) if m.contains("RFC 3339")),
+            "{ts}"
+        );
+    }
+}
+
+#[test]
+fn go_reading_rules_trimmed_aggregate_id_and_unlimited_text_fields() {
+    // Trimmed (Unicode whitespace, like Go's strings.TrimSpace) before the check; kept trimmed.
+    let doc = |id: &str| {
+        format!(
+            r#"{{"aggregate_id":"{id}","event_type":"T","event_version":1,"timestamp":"2024-01-02T15:04:05Z","payload":1}}"#
+        )
+    };
+    assert_eq!(
+        decode_str(&doc("  order-1 ")).unwrap().aggregate_id,
+        "order-1"
+    );
+    assert_eq!(
+        decode_str(&doc(r"\t\u00a0order-1\n")).unwrap().aggregate_id,
+        "order-1"
+    );
+    assert_eq!(decode_str(&doc("  ")), Err(EnvelopeError::EmptyAggregateId));
+    assert_eq!(
+        decode_str(&doc("a b")),
+        Err(EnvelopeError::InvalidAggregateIdChar {
+            ch: ' ',
+            position: 1
+        })
+    );
+    // No length limit (nor control-character rule) on event_type, trace_id, correlation_id when reading…
+    let long = "x".repeat(10_000);
+    let e = decode_str(&go_doc(&format!(
+        r#""event_type":"{long}","trace_id":"{long}","correlation_id":"{long}","payload":1"#
+    )))
+    .unwrap();
+    assert_eq!(
+        (e.event_type.len(), e.trace_id.as_ref().unwrap().len()),
+        (10_000, 10_000)
+    );
+    let e = decode_str(&go_doc(r#""event_type":"A\r\nB","payload":1"#)).unwrap();
+    assert_eq!(e.event_type, "A\r\nB");
+    // …but publishing stays strict (these go into headers).
+    assert!(matches!(
+        decode_str(&go_doc(&format!(r#""event_type":"{long}","payload":1"#)))
+            .unwrap()
+            .encode(),
+        Err(EnvelopeError::FieldTooLong {
+            field: "event_type",
+            ..
+        })
+    ));
+    assert_eq!(
+        e.encode(),
+        Err(EnvelopeError::ControlCharacter {
+            field: "event_type"
+        })
+    );
+    // The overall limits still hold, before parsing.
+    let huge = go_doc(&format!(
+        r#""event_type":"{}","payload":1"#,
+        "x".repeat(MAX_ENVELOPE_BYTES)
+    ));
+    assert!(matches!(
+        decode_str(&huge),
+        Err(EnvelopeError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn go_reading_rules_base64_payloads() {
+    let b64 = |p: &str| {
+        Envelope::decode_with(
+            go_doc(&format!(r#""payload":{p}"#)).as_bytes(),
+            PayloadEncoding::Base64,
+        )
+    };
+    assert_eq!(
+        b64(r#""eyJ4IjoxfQ==""#).unwrap().payload_bytes(),
+        br#"{"x":1}"#
+    );
+    // Go's decoder skips \r and \n, tolerates non-zero trailing bits, takes an array of byte values.
+    assert_eq!(
+        b64(r#""eyJ4Ijox\r\nfQ==""#).unwrap().payload_bytes(),
+        br#"{"x":1}"#
+    );
+    assert_eq!(b64(r#""QR==""#).unwrap().payload_bytes(), b"A");
+    assert_eq!(b64("[1,2,3]").unwrap().payload_bytes(), [1, 2, 3]);
+    // Empty is "payload is required"; so are null and a missing payload.
+    assert_eq!(b64(r#""""#), Err(EnvelopeError::EmptyPayload));
+    assert_eq!(b64("[]"), Err(EnvelopeError::EmptyPayload));
+    assert_eq!(b64("null"), Err(EnvelopeError::EmptyPayload));
+    assert_eq!(
+        Envelope::decode_with(go_doc(r#""x":1"#).as_bytes(), PayloadEncoding::Base64),
+        Err(EnvelopeError::EmptyPayload)
+    );
+    // Unpadded, URL alphabet, garbage: illegal base64.
+    for p in [r#""eyJ4IjoxfQ""#, r#""-_-_""#, r#""hello""#] {
+        assert!(
+            matches!(b64(p), Err(EnvelopeError::InvalidBase64(_))),
+            "{p}"
+        );
+    }
+    for (p, found) in [
+        (r#"{"x":1}"#, "object"),
+        ("42", "number"),
+        ("true", "boolean"),
+    ] {
+        assert_eq!(
+            b64(p),
+            Err(EnvelopeError::PayloadForm {
+                encoding: PayloadEncoding::Base64,
+                found
+            })
+        );
+    }
+    assert_eq!(
+        b64("[256]"),
+        Err(EnvelopeError::PayloadForm {
+            encoding: PayloadEncoding::Base64,
+            found: "array"
+        })
+    );
+    // Auto: "" is empty too; anything not base64 is embedded JSON.
+    let auto = |p: &str| {
+        Envelope::decode_with(
+            go_doc(&format!(r#""payload":{p}"#)).as_bytes(),
+            PayloadEncoding::Auto,
+        )
+    };
+    assert_eq!(auto(r#""""#), Err(EnvelopeError::EmptyPayload));
+    assert_eq!(auto("null"), Err(EnvelopeError::NullPayload));
+    assert_eq!(auto("[1,2,3]").unwrap().payload_bytes(), b"[1,2,3]");
+    assert_eq!(
+        auto(r#""eyJ4IjoxfQ==""#).unwrap().payload_bytes(),
+        br#"{"x":1}"#
+    );
 }

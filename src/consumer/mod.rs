@@ -42,8 +42,9 @@ pub type RawHandler = Arc<dyn Fn(Delivery) -> BoxFuture<'static, HandlerResult> 
 /// The handler registered for a topic.
 #[derive(Clone)]
 pub enum Handler {
-    /// Keyed by aggregate ID and ordered; undecodable events go to the dead letter.
-    Envelope(EnvelopeHandler),
+    /// Keyed by aggregate ID and ordered; undecodable events go to the dead
+    /// letter. Decoded with the topic's payload encoding.
+    Envelope(EnvelopeHandler, crate::envelope::PayloadEncoding),
     /// Unordered, for notifications.
     Raw(RawHandler),
 }

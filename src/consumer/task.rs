@@ -72,8 +72,8 @@ pub(super) fn build<B: Broker>(
             };
             Task::new(None, work.instrument(span), reply)
         }
-        Handler::Envelope(h) => {
-            let decoded = Envelope::decode(&delivery.payload);
+        Handler::Envelope(h, encoding) => {
+            let decoded = Envelope::decode_with(&delivery.payload, encoding);
             let key = aggregate_id_from(decoded.as_ref().ok(), &delivery.headers, delivery.key.as_deref(), None)
                 .map(|id| Key::from(id.id));
             let span = handle_span(&delivery, decoded.as_ref().ok(), key.as_deref());

@@ -1,0 +1,3 @@
+module eventbus/interop/goenvelope
+
+go 1.19
