@@ -10,6 +10,8 @@
 //! (`ensure_topic` then finds them); `tests/kafka_tansu.rs` covers creation.
 
 mod common;
+#[path = "common/foreign_kafka.rs"]
+mod foreign_kafka;
 
 use common::scenario::{
     checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, publish_range, recv_within,
@@ -642,9 +644,7 @@ async fn broker_down_then_up_mid_stream() {
     let checker = Arc::new(OrderChecker::new());
     let (progress, mut done) = Progress::new();
     for topic in &topics {
-        bus.subscribe_envelope(topic, handler(&checker, &progress, Duration::from_millis(10)))
-            .await
-            .unwrap();
+        bus.subscribe_envelope(topic, handler(&checker, &progress, Duration::from_millis(10))).await.unwrap();
     }
     bus.start().await.unwrap();
 
@@ -727,9 +727,7 @@ async fn full_pool_pauses_partitions_and_resumes() {
     let bus = Arc::new(EventBus::builder(broker).config(bus_cfg).build().unwrap());
     let checker = Arc::new(OrderChecker::new());
     let (progress, mut done) = Progress::new();
-    bus.subscribe_envelope(&topic, handler(&checker, &progress, Duration::from_millis(1)))
-        .await
-        .unwrap();
+    bus.subscribe_envelope(&topic, handler(&checker, &progress, Duration::from_millis(1))).await.unwrap();
     let (aggregates, expected) = spread_aggregates(std::slice::from_ref(&topic), AGGREGATES, VERSIONS);
     // Everything is there before the consumer starts: it reads far faster
     // than 4 workers handle.
@@ -820,4 +818,319 @@ async fn connection_state_follows_the_broker_going_down_and_up() {
     mock.broker_up(1);
     let up = tokio::time::timeout(limit, state.wait_for(|s| *s == eventbus::ConnectionState::Connected)).await;
     assert!(up.map(|r| r.is_ok()).unwrap_or(false), "no Connected within {limit:?} of the broker coming back");
+}
+
+// ---------------------------------------------------------------------------
+// Issue 13: foreign header bytes, a dead poll thread, epoch fencing, dead
+// letters, size limits.
+
+/// Every record of `topic` (all `partitions`), read from the beginning with
+/// a plain consumer that joins no group.
+fn read_topic(servers: &str, topic: &str, partitions: i32) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut left = 0i64;
+    for p in 0..partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+        left += high;
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (out.len() as i64) < left {
+        assert!(Instant::now() < deadline, "read {} of {left} records of {topic}", out.len());
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            out.push(m.unwrap().detach());
+        }
+    }
+    let _ = out.iter().map(|m| m.offset()).count();
+    out
+}
+
+fn header<'a>(m: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a [u8]> {
+    use rdkafka::message::{Headers, Message};
+    let h = m.headers()?;
+    (0..h.count()).map(|i| h.get(i)).filter(|h| h.key == name).last().and_then(|h| h.value)
+}
+
+/// A foreign producer (librdkafka's C API) writes records with header names
+/// and values that are not UTF-8 among good envelopes. rdkafka's own header
+/// accessors panic on such a name; the adapter reads headers through the C
+/// API, delivers every good event in order, and delivers the bad record
+/// marked `undecodable-headers` with its raw header bytes, so the consumer
+/// dead-letters it (once the consumer checks `Delivery::undeliverable`;
+/// until then it is handled like any envelope). Never a panic, the session
+/// stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_header_bytes_are_delivered_without_a_panic() {
+    use eventbus::broker::kafka::raw_headers;
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("foreign");
+    let dlq = format!("{topic}.dlq");
+    mock.create_topic(&topic, 1);
+    mock.create_topic(&dlq, 1);
+    let foreign = foreign_kafka::ForeignProducer::new(&mock.servers);
+    let send_good = |version: i64, extra: Vec<(Vec<u8>, Option<Vec<u8>>)>| {
+        let env = event("good", version);
+        let mut headers: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            env.to_headers().into_iter().map(|(n, v)| (n.into_bytes(), Some(v))).collect();
+        headers.extend(extra);
+        let payload = env.encode().unwrap();
+        foreign
+            .send(&topic, &foreign_kafka::RawRecord { partition: 0, key: Some(b"good"), headers, payload: &payload });
+    };
+    // 1..=10 good; 4 and 7 carry header values that are not UTF-8 (and a
+    // null value): ordinary deliveries.
+    for v in 1..=10 {
+        let extra = match v {
+            4 => vec![(b"x-bin".to_vec(), Some(vec![0xff, 0xfe, 0x00, 0xc3, 0x28]))],
+            7 => vec![(b"x-null".to_vec(), None)],
+            _ => vec![],
+        };
+        send_good(v, extra);
+    }
+    // The poison: a header name that is not UTF-8 (and a value that is not).
+    let bad_headers =
+        vec![(b"x-ok".to_vec(), Some(b"fine".to_vec())), (vec![b'x', b'-', 0xff, 0xfe], Some(vec![0xc3, 0x28, 0xa0]))];
+    let bad_env = event("poison", 1);
+    let bad_payload = bad_env.encode().unwrap();
+    foreign.send(
+        &topic,
+        &foreign_kafka::RawRecord {
+            partition: 0,
+            key: Some(b"poison"),
+            headers: bad_headers.clone(),
+            payload: &bad_payload,
+        },
+    );
+    for v in 11..=20 {
+        send_good(v, vec![]);
+    }
+
+    let group = unique("g");
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let admin = broker.clone();
+    // The library's defaults but the group.
+    let config = BusConfig {
+        consumer: eventbus::consumer::ConsumerConfig { group: group.clone(), ..Default::default() },
+        ..BusConfig::default()
+    };
+    let bus = EventBus::builder(broker).config(config).build().unwrap();
+    let handled: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+    let (tx, mut count) = watch::channel(0usize);
+    {
+        let handled = handled.clone();
+        bus.subscribe_envelope(&topic, move |env: Envelope| {
+            let mut h = handled.lock().unwrap();
+            h.push((env.aggregate_id.clone(), env.event_version));
+            tx.send_replace(h.len());
+            async { Ok(()) }
+        })
+        .await
+        .unwrap();
+    }
+    bus.start().await.unwrap();
+    let dead_letters = || async { admin.end_offset(&TopicPartition::new(dlq.as_str(), 0)).await.unwrap() as usize };
+    // 20 good ones, and the poison either handled or dead-lettered.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = *count.borrow_and_update();
+        let poison_done = handled.lock().unwrap().iter().any(|(a, _)| a == "poison") || dead_letters().await >= 1;
+        if n >= 20 + usize::from(handled.lock().unwrap().iter().any(|(a, _)| a == "poison")) && poison_done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {n} handled within 60 s");
+        let _ = tokio::time::timeout(Duration::from_millis(200), count.changed()).await;
+    }
+    // The consumer is alive: more good events after the poison are handled.
+    for v in 21..=25 {
+        send_good(v, vec![]);
+    }
+    let expect_total = |poison_handled: bool| 25 + usize::from(poison_handled);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let poison_handled = handled.lock().unwrap().iter().any(|(a, _)| a == "poison");
+        if *count.borrow_and_update() >= expect_total(poison_handled) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events after the poison not handled");
+        let _ = tokio::time::timeout(Duration::from_millis(200), count.changed()).await;
+    }
+    let close = bus.close().await;
+    let handled = handled.lock().unwrap().clone();
+    let good: Vec<i64> = handled.iter().filter(|(a, _)| a == "good").map(|(_, v)| *v).collect();
+    let poison_handled = handled.iter().filter(|(a, _)| a == "poison").count();
+    let dlq_records = read_topic(&mock.servers, &dlq, 1);
+    let kstats = admin.stats();
+    eprintln!(
+        "kafka foreign header bytes: sent 26 (25 good, 1 with a non-UTF-8 header name), good handled {}, poison \
+         handled {poison_handled}, dead-lettered {}, duplicates {}, session failures {}, undecodable seen {}",
+        good.len(),
+        dlq_records.len(),
+        good.len() - good.iter().collect::<BTreeSet<_>>().len(),
+        kstats.session_failures.load(Ordering::Relaxed),
+        kstats.undecodable_headers.load(Ordering::Relaxed),
+    );
+    assert_eq!(good, (1..=25).collect::<Vec<_>>(), "every good event once, in order");
+    assert_eq!(poison_handled + dlq_records.len(), 1, "the poison handled or dead-lettered, once");
+    assert_eq!(kstats.session_failures.load(Ordering::Relaxed), 0, "no poll thread died");
+    assert_eq!(kstats.undecodable_headers.load(Ordering::Relaxed), 1);
+    assert_eq!(close.final_commit_error, None);
+    if let Some(d) = dlq_records.first() {
+        use rdkafka::Message;
+        assert_eq!(header(d, eventbus::broker::HEADER_UNDELIVERABLE), Some(&b"undecodable-headers"[..]));
+        let raw = raw_headers::decode(header(d, eventbus::broker::HEADER_RAW_HEADERS).unwrap()).unwrap();
+        let raw: Vec<_> = raw.into_iter().map(|h| (h.name, h.value)).collect();
+        assert_eq!(raw, bad_headers, "the original header bytes, losslessly");
+        assert_eq!(d.payload(), Some(bad_payload.as_slice()));
+        assert_eq!(d.key(), Some(&b"poison"[..]), "the dead letter keeps the origin's key");
+    }
+    assert_all_committed(&admin, &group, std::slice::from_ref(&topic), 1).await;
+}
+
+/// The delivery itself, at the session: the record with a non-UTF-8 header
+/// name arrives marked, with every original header byte; the record after
+/// it arrives too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_delivered_marked_with_its_raw_bytes() {
+    use eventbus::broker::kafka::raw_headers;
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("rawhdr");
+    mock.create_topic(&topic, 1);
+    let foreign = foreign_kafka::ForeignProducer::new(&mock.servers);
+    let bad = vec![(vec![0xc0, 0xaf], Some(vec![1, 2, 3])), (b"x-null".to_vec(), None)];
+    foreign.send(&topic, &foreign_kafka::RawRecord { partition: 0, key: None, headers: bad.clone(), payload: b"p1" });
+    let good = vec![(b"x-v".to_vec(), Some(vec![0xff]))];
+    foreign.send(&topic, &foreign_kafka::RawRecord { partition: 0, key: None, headers: good, payload: b"p2" });
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let mut session = broker.subscribe(&unique("g"), std::slice::from_ref(&topic)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("an event").unwrap();
+        if let SessionEvent::Message(d) = ev {
+            got.push(d);
+        }
+    }
+    let (first, second) = (&got[0], &got[1]);
+    assert_eq!(first.payload, b"p1");
+    assert_eq!(first.undeliverable(), Some(eventbus::broker::REASON_UNDECODABLE_HEADERS));
+    assert_eq!(first.headers[0], ("\u{fffd}\u{fffd}".to_string(), vec![1, 2, 3]));
+    assert_eq!(first.headers[1], ("x-null".to_string(), vec![]));
+    let raw = &first.headers.iter().find(|(n, _)| n == eventbus::broker::HEADER_RAW_HEADERS).unwrap().1;
+    let raw: Vec<_> = raw_headers::decode(raw).unwrap().into_iter().map(|h| (h.name, h.value)).collect();
+    assert_eq!(raw, bad);
+    assert_eq!(second.payload, b"p2");
+    assert_eq!(second.undeliverable(), None);
+    assert_eq!(second.headers, vec![("x-v".to_string(), vec![0xff])]);
+    assert_eq!(broker.stats().session_failures.load(Ordering::Relaxed), 0);
+    session.close().await.unwrap();
+}
+
+/// A payload above `max_payload_bytes` is not copied: the delivery comes
+/// without it, marked `too-large` with the size, and the next record
+/// arrives as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_payload_is_delivered_marked_without_being_copied() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("big");
+    mock.create_topic(&topic, 1);
+    let broker =
+        KafkaBroker::connect(KafkaConfig { max_payload_bytes: 1000, ..kafka_config(&mock.servers) }).await.unwrap();
+    for payload in [vec![7u8; 5000], vec![1u8; 1000]] {
+        broker.publish(Outbound { topic: topic.clone(), key: None, headers: vec![], payload }).await.unwrap();
+    }
+    let mut session = broker.subscribe(&unique("g"), std::slice::from_ref(&topic)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("an event").unwrap();
+        if let SessionEvent::Message(d) = ev {
+            got.push(d);
+        }
+    }
+    assert!(got[0].payload.is_empty(), "not copied");
+    assert_eq!(got[0].undeliverable(), Some(eventbus::broker::REASON_TOO_LARGE));
+    let detail = got[0].undeliverable_detail().unwrap();
+    assert!(detail.contains("5000") && detail.contains("1000"), "{detail}");
+    assert_eq!(got[1].payload, vec![1u8; 1000], "at the limit: delivered");
+    assert_eq!(got[1].undeliverable(), None);
+    assert_eq!(broker.stats().oversized.load(Ordering::Relaxed), 1);
+    session.close().await.unwrap();
+}
+
+/// A poll thread that dies (here a planted panic) fails the session at
+/// once: `next` returns `SessionFailed` (Fatal) on this and every later
+/// call instead of waiting forever, and the connection state reports a
+/// disconnect until the failed session is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_poll_thread_fails_the_session_at_once() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("dead");
+    mock.create_topic(&topic, 1);
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let mut state = broker.connection_state();
+    let mut session = broker.subscribe(&unique("g"), std::slice::from_ref(&topic)).await.unwrap();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("assigned").unwrap();
+        if matches!(ev, SessionEvent::Assigned(_)) {
+            break;
+        }
+    }
+    session.inject_poll_thread_panic();
+    for _ in 0..2 {
+        let err = tokio::time::timeout(Duration::from_secs(10), session.next())
+            .await
+            .expect("next() returns instead of waiting forever")
+            .unwrap_err();
+        assert!(matches!(err, BrokerError::SessionFailed(ref m) if m.contains("panicked")), "{err:?}");
+        assert_eq!(err.class(), eventbus::broker::ErrorClass::Fatal);
+    }
+    assert_eq!(broker.stats().session_failures.load(Ordering::Relaxed), 1);
+    let down = tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == eventbus::ConnectionState::Disconnected),
+    )
+    .await
+    .map(|r| r.is_ok());
+    assert_eq!(down, Ok(true), "the connection state reports the dead session");
+    drop(session);
+    let up =
+        tokio::time::timeout(Duration::from_secs(10), state.wait_for(|s| *s == eventbus::ConnectionState::Connected))
+            .await
+            .map(|r| r.is_ok());
+    assert_eq!(up, Ok(true), "connected again once the failed session is gone");
+    // A new session works.
+    let session = broker.subscribe(&unique("g"), std::slice::from_ref(&topic)).await.unwrap();
+    session.close().await.unwrap();
+}
+
+/// Item 4: the dead-letter topic of a source is checked at subscribe time:
+/// a name Kafka cannot hold is a typed configuration error, an existing one
+/// is used. (The mock cluster has no CreateTopics; creation with the
+/// source's partition count is `kafka_tansu::dead_letter_topic_is_created_like_its_source`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_topic_names_are_checked() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("dl");
+    mock.create_topic(&topic, 3);
+    mock.create_topic(&format!("{topic}.dlq"), 3);
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    broker.ensure_dead_letter_topic(&topic, &format!("{topic}.dlq")).await.unwrap();
+    let long = "x".repeat(246);
+    let err = broker.ensure_dead_letter_topic(&long, &format!("{long}.dlq")).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "kafka.topic"), "{err:?}");
+    let err = broker.ensure_dead_letter_topic(&topic, "bad/dlq").await.unwrap_err();
+    assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "kafka.topic"), "{err:?}");
 }
