@@ -1134,3 +1134,75 @@ async fn dead_letter_topic_names_are_checked() {
     let err = broker.ensure_dead_letter_topic(&topic, "bad/dlq").await.unwrap_err();
     assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "kafka.topic"), "{err:?}");
 }
+
+/// The next session event within 30 s.
+async fn next_event(session: &mut KafkaSession) -> SessionEvent {
+    tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("an event within 30 s").unwrap()
+}
+
+/// Until `session` hands out an `Assigned` that contains `tp`.
+async fn until_assigned(session: &mut KafkaSession, tp: &TopicPartition) {
+    loop {
+        if let SessionEvent::Assigned(tps) = next_event(session).await {
+            if tps.contains(tp) {
+                return;
+            }
+        }
+    }
+}
+
+/// Item 7: the assignment bookkeeping is fenced by epoch. Member A's revoke
+/// of a partition times out (A never releases it), B takes the partition and
+/// commits 100, B leaves, and the partition comes back to A under a new
+/// assignment that A has not taken from `next` yet. A's late commit of the
+/// old assignment's frontier (40) is rejected and B's 100 stays; A's late
+/// release changes nothing; once A took the new assignment its commits
+/// count again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_of_an_old_assignment_does_not_overwrite_the_next_owner() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("epoch");
+    mock.create_topic(&topic, 2);
+    let group = unique("g");
+    let cfg = KafkaConfig { revoke_timeout: Duration::from_secs(1), ..kafka_config(&mock.servers) };
+    let a_broker = KafkaBroker::connect(cfg.clone()).await.unwrap();
+    let b_broker = KafkaBroker::connect(cfg).await.unwrap();
+    let topics = std::slice::from_ref(&topic);
+    let mut a = a_broker.subscribe(&group, topics).await.unwrap();
+    let mut owned = BTreeSet::new();
+    while owned.len() < 2 {
+        if let SessionEvent::Assigned(tps) = next_event(&mut a).await {
+            owned.extend(tps);
+        }
+    }
+    let mut b = b_broker.subscribe(&group, topics).await.unwrap();
+    let moved = loop {
+        if let SessionEvent::Revoked(tps) = next_event(&mut a).await {
+            break tps;
+        }
+    };
+    assert_eq!(moved.len(), 1, "cooperative-sticky moves one of two partitions");
+    let tp = moved[0].clone();
+    // A does not release: the revoke times out, B gets the partition.
+    until_assigned(&mut b, &tp).await;
+    assert_eq!(a_broker.stats().revoke_timeouts.load(Ordering::Relaxed), 1);
+    b.commit(&[(tp.clone(), 100)]).await.unwrap();
+    b.close().await.unwrap();
+    // The partition comes back to A; A has not read that assignment yet.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.assignment().contains(&tp) {
+        assert!(Instant::now() < deadline, "{tp} not reassigned to A within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling librdkafka's state
+    }
+    let err = a.commit(&[(tp.clone(), 40)]).await.unwrap_err();
+    assert!(matches!(err, BrokerError::CommitRejected { .. }), "{err:?}");
+    let read = a_broker.committed_offsets(&group, std::slice::from_ref(&tp)).await.unwrap();
+    assert_eq!(read[&tp], Some(100), "B's commit stands");
+    a.release(std::slice::from_ref(&tp)).await.unwrap(); // late, for the old revoke: no effect
+    until_assigned(&mut a, &tp).await;
+    a.commit(&[(tp.clone(), 120)]).await.unwrap();
+    let read = a_broker.committed_offsets(&group, std::slice::from_ref(&tp)).await.unwrap();
+    assert_eq!(read[&tp], Some(120), "the new assignment commits");
+    a.close().await.unwrap();
+}
