@@ -1206,3 +1206,181 @@ async fn a_late_commit_of_an_old_assignment_does_not_overwrite_the_next_owner() 
     assert_eq!(read[&tp], Some(120), "the new assignment commits");
     a.close().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// Item 8: dead letters across a crash.
+
+/// Selects the dead-lettering consumer process mode of this test binary.
+const DLQ_CHILD_ENV: &str = "EVENTBUS_KAFKA_DLQ_CHILD";
+
+/// The child process of `dead_letters_across_a_crash` (does nothing unless
+/// `EVENTBUS_KAFKA_DLQ_CHILD` is set): consumes `CHILD_TOPICS` as
+/// `CHILD_GROUP` from the mock cluster at `CHILD_ADDRESS` with a handler
+/// that works 20 ms and fails (one attempt), so every event is
+/// dead-lettered; commits every 100 ms; closes its bus at EOF on stdin.
+#[test]
+fn child_process_entry() {
+    if std::env::var_os(DLQ_CHILD_ENV).is_none() {
+        return;
+    }
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let broker = KafkaBroker::connect(kafka_config(&var("CHILD_ADDRESS"))).await.unwrap();
+        let mut config = BusConfig {
+            consumer: eventbus::consumer::ConsumerConfig { group: var("CHILD_GROUP"), ..Default::default() },
+            ..BusConfig::default()
+        };
+        config.consumer.retry.max_attempts = 1;
+        config.consumer.commit_interval = Duration::from_millis(100);
+        let bus = EventBus::builder(broker).config(config).build().unwrap();
+        for topic in var("CHILD_TOPICS").split(',') {
+            bus.subscribe_envelope(topic, |_env: Envelope| async {
+                tokio::time::sleep(Duration::from_millis(20)).await; // simulated handler work
+                Err("poison".into())
+            })
+            .await
+            .unwrap();
+        }
+        bus.start().await.unwrap();
+        let (eof_tx, eof_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            let _ = eof_tx.send(());
+        });
+        let _ = eof_rx.await;
+        let report = bus.close().await;
+        println!("CLOSED handed_back={} commit_error={:?}", report.handed_back, report.final_commit_error);
+    });
+}
+
+/// (origin topic, partition, offset) of each dead letter in `records`.
+fn origins(records: &[rdkafka::message::OwnedMessage]) -> BTreeMap<(String, u32, u64), u32> {
+    use eventbus::consumer::task_headers::{DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC};
+    let text = |m, name| String::from_utf8(header(m, name).expect(name).to_vec()).unwrap();
+    let mut out = BTreeMap::new();
+    for m in records {
+        let origin = (
+            text(m, DLQ_ORIGIN_TOPIC),
+            text(m, DLQ_ORIGIN_PARTITION).parse().unwrap(),
+            text(m, DLQ_ORIGIN_OFFSET).parse().unwrap(),
+        );
+        *out.entry(origin).or_default() += 1;
+    }
+    out
+}
+
+/// A consumer process that dead-letters every event is killed with SIGKILL
+/// mid-stream and restarted. Every poison event has a dead letter, each
+/// with its origin's key and its (x-dlq-origin-topic, partition, offset)
+/// identity; events dead-lettered after the last commit before the kill are
+/// dead-lettered again by the next process (Kafka stores the second copy:
+/// consumers of the dead-letter topic de-duplicate by that identity). The
+/// copies are bounded by what was uncommitted at the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_across_a_crash() {
+    use rdkafka::Message;
+    init_tracing();
+    const EVENTS: usize = 300;
+    let started = Instant::now();
+    let mock = Mock::new(1);
+    let topic = unique("dlcrash");
+    let dlq = format!("{topic}.dlq");
+    mock.create_topic(&topic, 3);
+    mock.create_topic(&dlq, 3);
+    let group = unique("g");
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    for i in 0..EVENTS {
+        let agg = format!("agg-{}", i % 30);
+        broker
+            .publish(common::scenario::outbound(&topic, Some(&agg), &event(&agg, (i / 30 + 1) as i64)))
+            .await
+            .unwrap();
+    }
+    let tps: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new(topic.as_str(), p)).collect();
+    let dlq_tps: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new(dlq.as_str(), p)).collect();
+    let dead_letters = || async {
+        let mut n = 0;
+        for tp in &dlq_tps {
+            n += broker.end_offset(tp).await.unwrap();
+        }
+        n as usize
+    };
+    let spawn = || {
+        common::crash_child::ChildProc::spawn(&[
+            (DLQ_CHILD_ENV, "1"),
+            ("CHILD_ADDRESS", &mock.servers),
+            ("CHILD_GROUP", &group),
+            ("CHILD_TOPICS", &topic),
+        ])
+    };
+    // First process: killed once a third of the events are dead-lettered
+    // and it committed at least once.
+    let mut first = spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let committed_some =
+        || async { broker.committed_offsets(&group, &tps).await.unwrap().values().any(|c| c.unwrap_or(0) > 0) };
+    while dead_letters().await < EVENTS / 3 || !committed_some().await {
+        assert!(Instant::now() < deadline, "the first process dead-lettered too little in 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await; // polling the broker's end offsets
+    }
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+    let at_kill = dead_letters().await;
+    let committed_at_kill = broker.committed_offsets(&group, &tps).await.unwrap();
+    // Second process: until every origin has its dead letter and the group
+    // committed everything.
+    let mut second = spawn();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let committed = broker.committed_offsets(&group, &tps).await.unwrap();
+        let mut all = true;
+        for tp in &tps {
+            all &= committed[tp] == Some(broker.end_offset(tp).await.unwrap());
+        }
+        if all {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second process did not commit everything in 90 s: {committed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling the committed offsets
+    }
+    drop(second.child.stdin.take());
+    let status = second.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let records = read_topic(&mock.servers, &dlq, 3);
+    let per_origin = origins(&records);
+    let copies: usize = per_origin.values().map(|n| *n as usize - 1).sum();
+    let most = per_origin.values().max().copied().unwrap_or(0);
+    let uncommitted_at_kill: u64 = tps
+        .iter()
+        .map(|tp| {
+            let end = per_origin.keys().filter(|(t, p, _)| *t == topic && *p == tp.partition).count() as u64;
+            end - committed_at_kill[tp].unwrap_or(0)
+        })
+        .sum();
+    eprintln!(
+        "kafka dead letters across a SIGKILL: sent {EVENTS} poison events, dead letters {} ({} at the kill), \
+         distinct origins {}, second copies {copies} (at most {most} per origin), uncommitted at the kill \
+         {uncommitted_at_kill}, in {:?}",
+        records.len(),
+        at_kill,
+        per_origin.len(),
+        started.elapsed()
+    );
+    assert_eq!(per_origin.len(), EVENTS, "every poison event has a dead letter");
+    assert!(most <= 2, "at most one second copy per origin (one crash)");
+    // Only events the killed process had not committed are dead-lettered again.
+    for ((t, p, offset), n) in &per_origin {
+        assert_eq!(t, &topic);
+        if *n > 1 {
+            let floor = committed_at_kill[&TopicPartition::new(topic.as_str(), *p)].unwrap_or(0);
+            assert!(*offset >= floor, "{t}[{p}]@{offset} dead-lettered twice although committed ({floor})");
+        }
+    }
+    assert!(copies as u64 <= uncommitted_at_kill);
+    // Each dead letter keeps its origin's key.
+    for m in &records {
+        let key = std::str::from_utf8(m.key().expect("a key")).unwrap();
+        assert!(key.starts_with("agg-"), "{key}");
+    }
+}
