@@ -119,7 +119,6 @@ impl ForeignProducer {
 /// a plain consumer that joins no group.
 pub fn read_topic(servers: &str, topic: &str, partitions: i32) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::Message;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", servers)
         .set("group.id", unique("reader"))
@@ -142,14 +141,13 @@ pub fn read_topic(servers: &str, topic: &str, partitions: i32) -> Vec<rdkafka::m
             out.push(m.unwrap().detach());
         }
     }
-    let _ = out.iter().map(|m| m.offset()).count();
     out
 }
 
 pub fn header<'a>(m: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a [u8]> {
     use rdkafka::message::{Headers, Message};
     let h = m.headers()?;
-    (0..h.count()).map(|i| h.get(i)).filter(|h| h.key == name).last().and_then(|h| h.value)
+    (0..h.count()).rev().map(|i| h.get(i)).find(|h| h.key == name).and_then(|h| h.value)
 }
 
 /// The foreign-producer scenario of issue 13 on the broker at `servers`
