@@ -56,7 +56,7 @@ pub mod raw_headers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -1278,13 +1278,19 @@ struct Shared {
     max_payload_bytes: usize,
     stats: Arc<KafkaStats>,
     connection: Arc<ConnectionTracker>,
-    /// The poll thread died; the tracker counts this session as a disconnect
-    /// until the session is closed or dropped.
-    dead: AtomicBool,
+    /// [`ALIVE`], [`DEAD`] (the poll thread died; the tracker counts this
+    /// session as a disconnect) or [`GONE`] (closed or dropped: a death
+    /// after that is not counted).
+    life: AtomicU8,
     /// Test-only fault: the poll thread panics at its next turn.
     inject_panic: AtomicBool,
     group: String,
 }
+
+/// [`Shared::life`] states.
+const ALIVE: u8 = 0;
+const DEAD: u8 = 1;
+const GONE: u8 = 2;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -1324,7 +1330,7 @@ impl Shared {
     fn fail(&self, reason: String) {
         tracing::error!(group = %self.group, %reason, "kafka poll thread died; the session failed");
         bump(&self.stats.session_failures);
-        if !self.dead.swap(true, Ordering::AcqRel) {
+        if self.life.compare_exchange(ALIVE, DEAD, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.connection.session_died();
         }
         let _ = self.events.send(Err(BrokerError::SessionFailed(format!("group {:?}: {reason}", self.group))));
@@ -1332,7 +1338,7 @@ impl Shared {
 
     /// The session is gone: a dead poll thread no longer counts.
     fn forget(&self) {
-        if self.dead.swap(false, Ordering::AcqRel) {
+        if self.life.swap(GONE, Ordering::AcqRel) == DEAD {
             self.connection.dead_session_gone();
         }
     }
@@ -1497,7 +1503,7 @@ impl KafkaSession {
             max_payload_bytes: cfg.max_payload_bytes,
             stats: broker.inner.stats.clone(),
             connection: broker.inner.connection.clone(),
-            dead: AtomicBool::new(false),
+            life: AtomicU8::new(ALIVE),
             inject_panic: AtomicBool::new(false),
             group: group.to_string(),
         });
@@ -1530,8 +1536,13 @@ impl KafkaSession {
                     Ok(PollExit::Failed(reason)) => Some(reason),
                     Err(panic) => Some(format!("poll thread panicked: {}", crate::pool::panic_message(&*panic))),
                 };
-                if let Some(reason) = failure {
-                    thread_shared.fail(reason);
+                match failure {
+                    // Closing anyway: nobody waits for the session's events.
+                    Some(reason) if thread_shared.stop.load(Ordering::Acquire) => {
+                        tracing::warn!(group = %thread_shared.group, %reason, "kafka poll thread died while closing");
+                    }
+                    Some(reason) => thread_shared.fail(reason),
+                    None => {}
                 }
                 let _ = exited_tx.send(());
             })
