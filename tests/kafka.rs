@@ -58,8 +58,13 @@ impl Mock {
         Mock { owner, servers }
     }
 
+    /// Creates `topic` and its dead-letter topic `<topic>.dlq` with as many
+    /// partitions (the mock has no CreateTopics, so
+    /// `ensure_dead_letter_topic` could not create it).
     fn create_topic(&self, topic: &str, partitions: i32) {
-        self.owner.client().mock_cluster().unwrap().create_topic(topic, partitions, 1).expect("mock topic");
+        let cluster = self.owner.client().mock_cluster().unwrap();
+        cluster.create_topic(topic, partitions, 1).expect("mock topic");
+        cluster.create_topic(&format!("{topic}.dlq"), partitions, 1).expect("mock dead-letter topic");
     }
 
     fn broker_down(&self, id: i32) {
@@ -835,7 +840,6 @@ async fn foreign_header_bytes_are_delivered_without_a_panic() {
     let mock = Mock::new(1);
     let topic = unique("foreign");
     mock.create_topic(&topic, 1);
-    mock.create_topic(&format!("{topic}.dlq"), 1);
     let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
     foreign_kafka::header_bytes_scenario(&mock.servers, broker, &topic, "kafka (mock cluster)").await;
 }
@@ -968,7 +972,6 @@ async fn dead_letter_topic_names_are_checked() {
     let mock = Mock::new(1);
     let topic = unique("dl");
     mock.create_topic(&topic, 3);
-    mock.create_topic(&format!("{topic}.dlq"), 3);
     let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
     broker.ensure_dead_letter_topic(&topic, &format!("{topic}.dlq")).await.unwrap();
     let long = "x".repeat(246);
@@ -1130,7 +1133,6 @@ async fn dead_letters_across_a_crash() {
     let topic = unique("dlcrash");
     let dlq = format!("{topic}.dlq");
     mock.create_topic(&topic, 3);
-    mock.create_topic(&dlq, 3);
     let group = unique("g");
     let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
     for i in 0..EVENTS {

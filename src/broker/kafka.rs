@@ -656,6 +656,8 @@ fn classify(op: Op, what: &str, code: RDKafkaErrorCode) -> BrokerError {
 fn kafka_error(op: Op, what: &str, e: KafkaError) -> BrokerError {
     match e {
         KafkaError::Canceled => BrokerError::Closed,
+        // rdkafka reports no code for a failed admin request as a whole.
+        KafkaError::AdminOp(code) => classify(op, what, code),
         e => match e.rdkafka_error_code() {
             Some(code) => classify(op, what, code),
             None => BrokerError::Other(format!("{what}: {e}")),
@@ -2061,6 +2063,7 @@ mod tests {
     #[test]
     fn table_only_unknown_codes_are_other() {
         assert_row(Op::Publish, &[C::UnsupportedVersion, C::Unknown], "other", Class::Permanent);
+        assert_eq!(metadata_error("t", KafkaError::AdminOp(C::OperationTimedOut)).kind(), "timeout");
         assert_eq!(produce_error("t", KafkaError::Canceled), BrokerError::Closed);
         assert_eq!(produce_error("t", KafkaError::MessageProduction(C::MessageSizeTooLarge)).kind(), "refused");
     }
