@@ -10,6 +10,8 @@
 //! (`ensure_topic` then finds them); `tests/kafka_tansu.rs` covers creation.
 
 mod common;
+#[path = "common/foreign_kafka.rs"]
+mod foreign_kafka;
 
 use common::scenario::{
     checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, publish_range, recv_within,
@@ -26,6 +28,7 @@ use eventbus::bus::BusConfig;
 use eventbus::checker::OrderChecker;
 use eventbus::pool::PoolConfig;
 use eventbus::{Broker, BrokerError, Envelope, EventBus, Outbound, Position, Session, SessionEvent, TopicPartition};
+use foreign_kafka::{header, read_topic};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
 use tokio::sync::watch;
@@ -55,8 +58,13 @@ impl Mock {
         Mock { owner, servers }
     }
 
+    /// Creates `topic` and its dead-letter topic `<topic>.dlq` with as many
+    /// partitions (the mock has no CreateTopics, so
+    /// `ensure_dead_letter_topic` could not create it).
     fn create_topic(&self, topic: &str, partitions: i32) {
-        self.owner.client().mock_cluster().unwrap().create_topic(topic, partitions, 1).expect("mock topic");
+        let cluster = self.owner.client().mock_cluster().unwrap();
+        cluster.create_topic(topic, partitions, 1).expect("mock topic");
+        cluster.create_topic(&format!("{topic}.dlq"), partitions, 1).expect("mock dead-letter topic");
     }
 
     fn broker_down(&self, id: i32) {
@@ -642,9 +650,7 @@ async fn broker_down_then_up_mid_stream() {
     let checker = Arc::new(OrderChecker::new());
     let (progress, mut done) = Progress::new();
     for topic in &topics {
-        bus.subscribe_envelope(topic, handler(&checker, &progress, Duration::from_millis(10)))
-            .await
-            .unwrap();
+        bus.subscribe_envelope(topic, handler(&checker, &progress, Duration::from_millis(10))).await.unwrap();
     }
     bus.start().await.unwrap();
 
@@ -727,9 +733,7 @@ async fn full_pool_pauses_partitions_and_resumes() {
     let bus = Arc::new(EventBus::builder(broker).config(bus_cfg).build().unwrap());
     let checker = Arc::new(OrderChecker::new());
     let (progress, mut done) = Progress::new();
-    bus.subscribe_envelope(&topic, handler(&checker, &progress, Duration::from_millis(1)))
-        .await
-        .unwrap();
+    bus.subscribe_envelope(&topic, handler(&checker, &progress, Duration::from_millis(1))).await.unwrap();
     let (aggregates, expected) = spread_aggregates(std::slice::from_ref(&topic), AGGREGATES, VERSIONS);
     // Everything is there before the consumer starts: it reads far faster
     // than 4 workers handle.
@@ -820,4 +824,408 @@ async fn connection_state_follows_the_broker_going_down_and_up() {
     mock.broker_up(1);
     let up = tokio::time::timeout(limit, state.wait_for(|s| *s == eventbus::ConnectionState::Connected)).await;
     assert!(up.map(|r| r.is_ok()).unwrap_or(false), "no Connected within {limit:?} of the broker coming back");
+}
+
+// ---------------------------------------------------------------------------
+// Issue 13: foreign header bytes, a dead poll thread, epoch fencing, dead
+// letters, size limits.
+
+/// A foreign producer (librdkafka's C API) writes records with header names
+/// and values that are not UTF-8 among good envelopes; see
+/// [`foreign_kafka::header_bytes_scenario`]. Never a panic, the session
+/// stays up, every good event is handled once in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_header_bytes_are_delivered_without_a_panic() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("foreign");
+    mock.create_topic(&topic, 1);
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    foreign_kafka::header_bytes_scenario(&mock.servers, broker, &topic, "kafka (mock cluster)").await;
+}
+
+/// The delivery itself, at the session: the record with a non-UTF-8 header
+/// name arrives marked, with every original header byte; the record after
+/// it arrives too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_delivered_marked_with_its_raw_bytes() {
+    use eventbus::broker::kafka::raw_headers;
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("rawhdr");
+    mock.create_topic(&topic, 1);
+    let foreign = foreign_kafka::ForeignProducer::new(&mock.servers);
+    let bad = vec![(vec![0xc0, 0xaf], Some(vec![1, 2, 3])), (b"x-null".to_vec(), None)];
+    foreign.send(&topic, &foreign_kafka::RawRecord { partition: 0, key: None, headers: bad.clone(), payload: b"p1" });
+    let good = vec![(b"x-v".to_vec(), Some(vec![0xff]))];
+    foreign.send(&topic, &foreign_kafka::RawRecord { partition: 0, key: None, headers: good, payload: b"p2" });
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let mut session = broker.subscribe(&unique("g"), std::slice::from_ref(&topic)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("an event").unwrap();
+        if let SessionEvent::Message(d) = ev {
+            got.push(d);
+        }
+    }
+    let (first, second) = (&got[0], &got[1]);
+    assert_eq!(first.payload, b"p1");
+    assert_eq!(first.undeliverable(), Some(eventbus::broker::REASON_UNDECODABLE_HEADERS));
+    assert_eq!(first.headers[0], ("\u{fffd}\u{fffd}".to_string(), vec![1, 2, 3]));
+    assert_eq!(first.headers[1], ("x-null".to_string(), vec![]));
+    let raw = &first.headers.iter().find(|(n, _)| n == eventbus::broker::HEADER_RAW_HEADERS).unwrap().1;
+    let raw: Vec<_> = raw_headers::decode(raw).unwrap().into_iter().map(|h| (h.name, h.value)).collect();
+    assert_eq!(raw, bad);
+    assert_eq!(second.payload, b"p2");
+    assert_eq!(second.undeliverable(), None);
+    assert_eq!(second.headers, vec![("x-v".to_string(), vec![0xff])]);
+    assert_eq!(broker.stats().session_failures.load(Ordering::Relaxed), 0);
+    session.close().await.unwrap();
+}
+
+/// A payload above `max_payload_bytes` is not copied: the delivery comes
+/// without it, marked `too-large` with the size, and the next record
+/// arrives as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_payload_is_delivered_marked_without_being_copied() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("big");
+    mock.create_topic(&topic, 1);
+    let broker =
+        KafkaBroker::connect(KafkaConfig { max_payload_bytes: 1000, ..kafka_config(&mock.servers) }).await.unwrap();
+    for payload in [vec![7u8; 5000], vec![1u8; 1000]] {
+        broker.publish(Outbound { topic: topic.clone(), key: None, headers: vec![], payload }).await.unwrap();
+    }
+    let mut session = broker.subscribe(&unique("g"), std::slice::from_ref(&topic)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("an event").unwrap();
+        if let SessionEvent::Message(d) = ev {
+            got.push(d);
+        }
+    }
+    assert!(got[0].payload.is_empty(), "not copied");
+    assert_eq!(got[0].undeliverable(), Some(eventbus::broker::REASON_TOO_LARGE));
+    let detail = got[0].undeliverable_detail().unwrap();
+    assert!(detail.contains("5000") && detail.contains("1000"), "{detail}");
+    assert_eq!(got[1].payload, vec![1u8; 1000], "at the limit: delivered");
+    assert_eq!(got[1].undeliverable(), None);
+    assert_eq!(broker.stats().oversized.load(Ordering::Relaxed), 1);
+    session.close().await.unwrap();
+}
+
+/// A poll thread that dies (here a planted panic) fails the session at
+/// once: `next` returns `SessionFailed` (Fatal) on this and every later
+/// call instead of waiting forever, and the connection state reports a
+/// disconnect until the failed session is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_poll_thread_fails_the_session_at_once() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("dead");
+    mock.create_topic(&topic, 1);
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let mut state = broker.connection_state();
+    let mut session = broker.subscribe(&unique("g"), std::slice::from_ref(&topic)).await.unwrap();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("assigned").unwrap();
+        if matches!(ev, SessionEvent::Assigned(_)) {
+            break;
+        }
+    }
+    session.inject_poll_thread_panic();
+    for _ in 0..2 {
+        let err = tokio::time::timeout(Duration::from_secs(10), session.next())
+            .await
+            .expect("next() returns instead of waiting forever")
+            .unwrap_err();
+        assert!(matches!(err, BrokerError::SessionFailed(ref m) if m.contains("panicked")), "{err:?}");
+        assert_eq!(err.class(), eventbus::broker::ErrorClass::Fatal);
+    }
+    assert_eq!(broker.stats().session_failures.load(Ordering::Relaxed), 1);
+    let down = tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == eventbus::ConnectionState::Disconnected),
+    )
+    .await
+    .map(|r| r.is_ok());
+    assert_eq!(down, Ok(true), "the connection state reports the dead session");
+    drop(session);
+    let up =
+        tokio::time::timeout(Duration::from_secs(10), state.wait_for(|s| *s == eventbus::ConnectionState::Connected))
+            .await
+            .map(|r| r.is_ok());
+    assert_eq!(up, Ok(true), "connected again once the failed session is gone");
+    // A new session works.
+    let session = broker.subscribe(&unique("g"), std::slice::from_ref(&topic)).await.unwrap();
+    session.close().await.unwrap();
+}
+
+/// Item 4: the dead-letter topic of a source is checked at subscribe time:
+/// a name Kafka cannot hold is a typed configuration error, an existing one
+/// is used. (The mock cluster has no CreateTopics; creation with the
+/// source's partition count is `kafka_tansu::dead_letter_topic_is_created_like_its_source`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_topic_names_are_checked() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("dl");
+    mock.create_topic(&topic, 3);
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    broker.ensure_dead_letter_topic(&topic, &format!("{topic}.dlq")).await.unwrap();
+    let long = "x".repeat(246);
+    let err = broker.ensure_dead_letter_topic(&long, &format!("{long}.dlq")).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "kafka.topic"), "{err:?}");
+    let err = broker.ensure_dead_letter_topic(&topic, "bad/dlq").await.unwrap_err();
+    assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "kafka.topic"), "{err:?}");
+}
+
+/// The next session event within 30 s.
+async fn next_event(session: &mut KafkaSession) -> SessionEvent {
+    tokio::time::timeout(Duration::from_secs(30), session.next()).await.expect("an event within 30 s").unwrap()
+}
+
+/// Until `session` hands out an `Assigned` that contains `tp`.
+async fn until_assigned(session: &mut KafkaSession, tp: &TopicPartition) {
+    loop {
+        if let SessionEvent::Assigned(tps) = next_event(session).await {
+            if tps.contains(tp) {
+                return;
+            }
+        }
+    }
+}
+
+/// Item 7: the assignment bookkeeping is fenced by epoch. Member A's revoke
+/// of a partition times out (A never releases it), B takes the partition and
+/// commits 100, B leaves, and the partition comes back to A under a new
+/// assignment that A has not taken from `next` yet. A's late commit of the
+/// old assignment's frontier (40) is rejected and B's 100 stays; A's late
+/// release changes nothing; once A took the new assignment its commits
+/// count again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_of_an_old_assignment_does_not_overwrite_the_next_owner() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("epoch");
+    mock.create_topic(&topic, 2);
+    let group = unique("g");
+    let cfg = KafkaConfig { revoke_timeout: Duration::from_secs(1), ..kafka_config(&mock.servers) };
+    let a_broker = KafkaBroker::connect(cfg.clone()).await.unwrap();
+    let b_broker = KafkaBroker::connect(cfg).await.unwrap();
+    let topics = std::slice::from_ref(&topic);
+    let mut a = a_broker.subscribe(&group, topics).await.unwrap();
+    let mut owned = BTreeSet::new();
+    while owned.len() < 2 {
+        if let SessionEvent::Assigned(tps) = next_event(&mut a).await {
+            owned.extend(tps);
+        }
+    }
+    let mut b = b_broker.subscribe(&group, topics).await.unwrap();
+    let moved = loop {
+        if let SessionEvent::Revoked(tps) = next_event(&mut a).await {
+            break tps;
+        }
+    };
+    assert_eq!(moved.len(), 1, "cooperative-sticky moves one of two partitions");
+    let tp = moved[0].clone();
+    // A does not release: the revoke times out, B gets the partition.
+    until_assigned(&mut b, &tp).await;
+    assert_eq!(a_broker.stats().revoke_timeouts.load(Ordering::Relaxed), 1);
+    b.commit(&[(tp.clone(), 100)]).await.unwrap();
+    b.close().await.unwrap();
+    // The partition comes back to A; A has not read that assignment yet.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.assignment().contains(&tp) {
+        assert!(Instant::now() < deadline, "{tp} not reassigned to A within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling librdkafka's state
+    }
+    let err = a.commit(&[(tp.clone(), 40)]).await.unwrap_err();
+    assert!(matches!(err, BrokerError::CommitRejected { .. }), "{err:?}");
+    let read = a_broker.committed_offsets(&group, std::slice::from_ref(&tp)).await.unwrap();
+    assert_eq!(read[&tp], Some(100), "B's commit stands");
+    a.release(std::slice::from_ref(&tp)).await.unwrap(); // late, for the old revoke: no effect
+    until_assigned(&mut a, &tp).await;
+    a.commit(&[(tp.clone(), 120)]).await.unwrap();
+    let read = a_broker.committed_offsets(&group, std::slice::from_ref(&tp)).await.unwrap();
+    assert_eq!(read[&tp], Some(120), "the new assignment commits");
+    a.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Item 8: dead letters across a crash.
+
+/// Selects the dead-lettering consumer process mode of this test binary.
+const DLQ_CHILD_ENV: &str = "EVENTBUS_KAFKA_DLQ_CHILD";
+
+/// The child process of `dead_letters_across_a_crash` (does nothing unless
+/// `EVENTBUS_KAFKA_DLQ_CHILD` is set): consumes `CHILD_TOPICS` as
+/// `CHILD_GROUP` from the mock cluster at `CHILD_ADDRESS` with a handler
+/// that works 20 ms and fails (one attempt), so every event is
+/// dead-lettered; commits every 100 ms; closes its bus at EOF on stdin.
+#[test]
+fn child_process_entry() {
+    if std::env::var_os(DLQ_CHILD_ENV).is_none() {
+        return;
+    }
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let broker = KafkaBroker::connect(kafka_config(&var("CHILD_ADDRESS"))).await.unwrap();
+        let mut config = BusConfig {
+            consumer: eventbus::consumer::ConsumerConfig { group: var("CHILD_GROUP"), ..Default::default() },
+            ..BusConfig::default()
+        };
+        config.consumer.retry.max_attempts = 1;
+        config.consumer.commit_interval = Duration::from_millis(100);
+        let bus = EventBus::builder(broker).config(config).build().unwrap();
+        for topic in var("CHILD_TOPICS").split(',') {
+            bus.subscribe_envelope(topic, |_env: Envelope| async {
+                tokio::time::sleep(Duration::from_millis(20)).await; // simulated handler work
+                Err("poison".into())
+            })
+            .await
+            .unwrap();
+        }
+        bus.start().await.unwrap();
+        let (eof_tx, eof_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            let _ = eof_tx.send(());
+        });
+        let _ = eof_rx.await;
+        let report = bus.close().await;
+        println!("CLOSED handed_back={} commit_error={:?}", report.handed_back, report.final_commit_error);
+    });
+}
+
+/// (origin topic, partition, offset) of each dead letter in `records`.
+fn origins(records: &[rdkafka::message::OwnedMessage]) -> BTreeMap<(String, u32, u64), u32> {
+    use eventbus::consumer::task_headers::{DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC};
+    let text = |m, name| String::from_utf8(header(m, name).expect(name).to_vec()).unwrap();
+    let mut out = BTreeMap::new();
+    for m in records {
+        let origin = (
+            text(m, DLQ_ORIGIN_TOPIC),
+            text(m, DLQ_ORIGIN_PARTITION).parse().unwrap(),
+            text(m, DLQ_ORIGIN_OFFSET).parse().unwrap(),
+        );
+        *out.entry(origin).or_default() += 1;
+    }
+    out
+}
+
+/// A consumer process that dead-letters every event is killed with SIGKILL
+/// mid-stream and restarted. Every poison event has a dead letter, each
+/// with its origin's key and its (x-dlq-origin-topic, partition, offset)
+/// identity; events dead-lettered after the last commit before the kill are
+/// dead-lettered again by the next process (Kafka stores the second copy:
+/// consumers of the dead-letter topic de-duplicate by that identity). The
+/// copies are bounded by what was uncommitted at the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_across_a_crash() {
+    use rdkafka::Message;
+    init_tracing();
+    const EVENTS: usize = 300;
+    let started = Instant::now();
+    let mock = Mock::new(1);
+    let topic = unique("dlcrash");
+    let dlq = format!("{topic}.dlq");
+    mock.create_topic(&topic, 3);
+    let group = unique("g");
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    for i in 0..EVENTS {
+        let agg = format!("agg-{}", i % 30);
+        broker
+            .publish(common::scenario::outbound(&topic, Some(&agg), &event(&agg, (i / 30 + 1) as i64)))
+            .await
+            .unwrap();
+    }
+    let tps: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new(topic.as_str(), p)).collect();
+    let dlq_tps: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new(dlq.as_str(), p)).collect();
+    let dead_letters = || async {
+        let mut n = 0;
+        for tp in &dlq_tps {
+            n += broker.end_offset(tp).await.unwrap();
+        }
+        n as usize
+    };
+    let spawn = || {
+        common::crash_child::ChildProc::spawn(&[
+            (DLQ_CHILD_ENV, "1"),
+            ("CHILD_ADDRESS", &mock.servers),
+            ("CHILD_GROUP", &group),
+            ("CHILD_TOPICS", &topic),
+        ])
+    };
+    // First process: killed once a third of the events are dead-lettered
+    // and it committed at least once.
+    let mut first = spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let committed_some =
+        || async { broker.committed_offsets(&group, &tps).await.unwrap().values().any(|c| c.unwrap_or(0) > 0) };
+    while dead_letters().await < EVENTS / 3 || !committed_some().await {
+        assert!(Instant::now() < deadline, "the first process dead-lettered too little in 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await; // polling the broker's end offsets
+    }
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+    let at_kill = dead_letters().await;
+    let committed_at_kill = broker.committed_offsets(&group, &tps).await.unwrap();
+    // Second process: until every origin has its dead letter and the group
+    // committed everything.
+    let mut second = spawn();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let committed = broker.committed_offsets(&group, &tps).await.unwrap();
+        let mut all = true;
+        for tp in &tps {
+            all &= committed[tp] == Some(broker.end_offset(tp).await.unwrap());
+        }
+        if all {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second process did not commit everything in 90 s: {committed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling the committed offsets
+    }
+    drop(second.child.stdin.take());
+    let status = second.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let records = read_topic(&mock.servers, &dlq, 3);
+    let per_origin = origins(&records);
+    let copies: usize = per_origin.values().map(|n| *n as usize - 1).sum();
+    let most = per_origin.values().max().copied().unwrap_or(0);
+    let uncommitted_at_kill: u64 = tps
+        .iter()
+        .map(|tp| {
+            let end = per_origin.keys().filter(|(t, p, _)| *t == topic && *p == tp.partition).count() as u64;
+            end - committed_at_kill[tp].unwrap_or(0)
+        })
+        .sum();
+    eprintln!(
+        "kafka dead letters across a SIGKILL: sent {EVENTS} poison events, dead letters {} ({} at the kill), \
+         distinct origins {}, second copies {copies} (at most {most} per origin), uncommitted at the kill \
+         {uncommitted_at_kill}, in {:?}",
+        records.len(),
+        at_kill,
+        per_origin.len(),
+        started.elapsed()
+    );
+    assert_eq!(per_origin.len(), EVENTS, "every poison event has a dead letter");
+    assert!(most <= 2, "at most one second copy per origin (one crash)");
+    // Only events the killed process had not committed are dead-lettered again.
+    for ((t, p, offset), n) in &per_origin {
+        assert_eq!(t, &topic);
+        if *n > 1 {
+            let floor = committed_at_kill[&TopicPartition::new(topic.as_str(), *p)].unwrap_or(0);
+            assert!(*offset >= floor, "{t}[{p}]@{offset} dead-lettered twice although committed ({floor})");
+        }
+    }
+    assert!(copies as u64 <= uncommitted_at_kill);
+    // Each dead letter keeps its origin's key.
+    for m in &records {
+        let key = std::str::from_utf8(m.key().expect("a key")).unwrap();
+        assert!(key.starts_with("agg-"), "{key}");
+    }
 }

@@ -13,6 +13,8 @@
 //! that variable the entry returns at once.
 
 mod common;
+#[path = "common/foreign_kafka.rs"]
+mod foreign_kafka;
 
 use common::crash_child::{self, publish_all, Crash};
 use common::scenario::{bus_config, event, init_tracing, recv_within, started_with_channels, unique, Dropped, Seed};
@@ -236,4 +238,38 @@ async fn consumer_process_killed_and_restarted_resumes_from_the_committed_fronti
     // the second process committed everything when it closed.
     assert_all_committed(&broker, &group, &last_offsets(position.values())).await;
     runs.remove_logs();
+}
+
+// ---------------------------------------------------------------------------
+// Issue 13.
+
+/// A foreign producer writes a header name that is not UTF-8 among good
+/// envelopes (see `foreign_kafka::header_bytes_scenario`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_header_bytes_are_delivered_without_a_panic() {
+    let Some(brokers) = brokers("foreign_header_bytes_are_delivered_without_a_panic") else { return };
+    let broker = connect(&brokers).await;
+    let topic = unique("foreign");
+    broker.ensure_topic(&topic, 1).await.unwrap();
+    broker.ensure_dead_letter_topic(&topic, &format!("{topic}.dlq")).await.unwrap();
+    foreign_kafka::header_bytes_scenario(&brokers, broker, &topic, "kafka (tansu)").await;
+}
+
+/// Item 4: the dead-letter topic is created through the admin API (broker
+/// auto-create is not needed) with the source's partition count; a name
+/// Kafka cannot hold is a typed configuration error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_topic_is_created_like_its_source() {
+    let Some(brokers) = brokers("dead_letter_topic_is_created_like_its_source") else { return };
+    let broker = connect(&brokers).await;
+    let topic = unique("dlsrc");
+    let dlq = format!("{topic}.dlq");
+    broker.ensure_topic(&topic, 3).await.unwrap();
+    assert_eq!(broker.partitions(&dlq).await.unwrap(), None);
+    broker.ensure_dead_letter_topic(&topic, &dlq).await.unwrap();
+    assert_eq!(broker.partitions(&dlq).await.unwrap(), Some(3));
+    broker.ensure_dead_letter_topic(&topic, &dlq).await.unwrap(); // idempotent
+    let long = "x".repeat(246);
+    let err = broker.ensure_dead_letter_topic(&long, &format!("{long}.dlq")).await.unwrap_err();
+    assert!(matches!(err, eventbus::BrokerError::Config { ref key, .. } if key == "kafka.topic"), "{err:?}");
 }

@@ -51,8 +51,12 @@
 //! ([`BrokerError::CommitRejected`]); the broker fences commits of an old
 //! group generation.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+mod assignments;
+pub mod raw_headers;
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -61,12 +65,14 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, watch};
+
+use self::assignments::{Assignments, Epoch};
 
 use super::{
     Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
@@ -242,6 +248,13 @@ pub struct KafkaConfig {
     /// Messages buffered between the poll thread and the consumer before the
     /// assigned partitions are paused (see [`KafkaConfig::bounded_by_pool`]).
     pub max_buffered: usize,
+    /// The largest record payload the sessions copy out of librdkafka. A
+    /// larger record is delivered without its payload, marked undeliverable
+    /// (`too-large`), so the consumer dead-letters it; its payload stays at
+    /// the origin offset. Defaults to the envelope's limit
+    /// ([`MAX_ENVELOPE_BYTES`](crate::envelope::MAX_ENVELOPE_BYTES)); raise
+    /// it for larger raw payloads.
+    pub max_payload_bytes: usize,
     /// librdkafka properties for every client (TLS, SASL, ...), e.g.
     /// `"security.protocol" = "sasl_ssl"`.
     pub properties: BTreeMap<String, String>,
@@ -274,6 +287,7 @@ impl Default for KafkaConfig {
             request_timeout: Duration::from_secs(30),
             revoke_timeout: Duration::from_secs(60),
             max_buffered: 1000,
+            max_payload_bytes: crate::envelope::MAX_ENVELOPE_BYTES,
             properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
@@ -365,6 +379,9 @@ impl KafkaConfig {
         }
         if self.max_buffered == 0 {
             return Err(config_error("max_buffered", "must be at least 1"));
+        }
+        if self.max_payload_bytes == 0 {
+            return Err(config_error("max_payload_bytes", "must be at least 1"));
         }
         if self.replication_factor == 0 || self.replication_factor < -1 {
             return Err(config_error("replication_factor", "must be positive, or -1 for the broker's default"));
@@ -539,72 +556,82 @@ fn validate_topic(topic: &str) -> Result<(), BrokerError> {
 // ---------------------------------------------------------------------------
 // Error mapping.
 
-fn is_unavailable(code: RDKafkaErrorCode) -> bool {
-    use RDKafkaErrorCode as C;
-    matches!(
-        code,
-        C::AllBrokersDown
-            | C::BrokerTransportFailure
-            | C::Resolve
-            | C::BrokerNotAvailable
-            | C::LeaderNotAvailable
-            | C::NotLeaderForPartition
-            | C::NetworkException
-            | C::CoordinatorNotAvailable
-            | C::CoordinatorLoadInProgress
-            | C::NotCoordinator
-            | C::WaitingForCoordinator
-            | C::NotEnoughReplicas
-            | C::NotEnoughReplicasAfterAppend
-            | C::ReplicaNotAvailable
-            | C::KafkaStorageError
-            | C::NotController
-            | C::DestroyBroker
-    )
+/// What the adapter was doing when librdkafka returned an error code: the
+/// same code means something else for a commit (a group generation the
+/// broker fenced) than for a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Publish,
+    Commit,
+    /// Metadata, admin requests, offsets and watermarks.
+    Admin,
 }
 
-fn is_timeout(code: RDKafkaErrorCode) -> bool {
+/// The one table from librdkafka error codes to [`BrokerError`] (and so to
+/// its [`ErrorClass`](super::ErrorClass)); `what` names the call and its
+/// topic or partition. Each row has its unit test (`tests::table_*`).
+/// [`BrokerError::Other`] (permanent) only for codes no row names.
+fn classify(op: Op, what: &str, code: RDKafkaErrorCode) -> BrokerError {
     use RDKafkaErrorCode as C;
-    matches!(code, C::MessageTimedOut | C::RequestTimedOut | C::OperationTimedOut | C::TimedOutQueue)
-}
-
-fn code_error(what: &str, code: RDKafkaErrorCode) -> BrokerError {
-    if is_timeout(code) {
-        BrokerError::Timeout(format!("{what}: {code}"))
-    } else if is_unavailable(code) {
-        BrokerError::Unavailable(format!("{what}: {code}"))
-    } else {
-        BrokerError::Other(format!("{what}: {code}"))
-    }
-}
-
-fn produce_error(topic: &str, e: KafkaError) -> BrokerError {
-    use RDKafkaErrorCode as C;
-    let what = format!("publish to {topic:?}");
-    match e {
-        KafkaError::MessageProduction(code) => match code {
-            C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
-                BrokerError::UnknownTopic(topic.to_string())
-            }
-            C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => config_error(
-                "producer_properties.message.max.bytes",
-                format!("message to {topic:?} is too large for the producer or the broker ({code})"),
-            ),
-            C::InvalidTopic => config_error("topic", format!("{topic:?} rejected by the broker ({code})")),
-            C::QueueFull => BrokerError::Unavailable(format!("{what}: producer queue full")),
-            C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => {
-                BrokerError::Other(format!("{what}: not authorized ({code})"))
-            }
-            code => code_error(&what, code),
-        },
-        KafkaError::Canceled => BrokerError::Closed,
-        other => BrokerError::Other(format!("{what}: {other}")),
-    }
-}
-
-fn commit_error(code: RDKafkaErrorCode, partition: &str) -> BrokerError {
-    use RDKafkaErrorCode as C;
+    let text = || format!("{what}: {code}");
     match code {
+        // Slow: the same call may succeed later.
+        C::MessageTimedOut | C::RequestTimedOut | C::OperationTimedOut | C::TimedOutQueue => {
+            BrokerError::Timeout(text())
+        }
+        // Not reachable or not ready for now.
+        C::AllBrokersDown
+        | C::BrokerTransportFailure
+        | C::Resolve
+        | C::BrokerNotAvailable
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::FencedLeaderEpoch
+        | C::UnknownLeaderEpoch
+        | C::NetworkException
+        | C::CoordinatorNotAvailable
+        | C::CoordinatorLoadInProgress
+        | C::NotCoordinator
+        | C::WaitingForCoordinator
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::ReplicaNotAvailable
+        | C::KafkaStorageError
+        | C::NotController
+        | C::OffsetNotAvailable
+        | C::PreferredLeaderNotAvailable
+        | C::UnstableOffsetCommit
+        | C::DestroyBroker => BrokerError::Unavailable(text()),
+        // No room for now: the local producer queue, a broker quota.
+        C::QueueFull | C::ThrottlingQuotaExceeded => BrokerError::Full(text()),
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => BrokerError::UnknownTopic(text()),
+        // Credentials or ACLs.
+        C::TopicAuthorizationFailed
+        | C::GroupAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed
+        | C::DelegationTokenAuthorizationFailed
+        | C::SaslAuthenticationFailed
+        | C::UnsupportedSASLMechanism
+        | C::IllegalSASLState
+        | C::Authentication => BrokerError::Unauthorized(text()),
+        // This message, for good.
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::MessageBatchTooLarge
+        | C::InvalidMessage
+        | C::InvalidRecord
+        | C::InvalidTimestamp
+        | C::OffsetMetadataTooLarge => BrokerError::Refused(text()),
+        C::InvalidTopic => config_error("topic", format!("{what}: topic name rejected by the broker ({code})")),
+        C::InvalidReplicationFactor | C::InvalidReplicaAssignment => config_error("replication_factor", text()),
+        C::InvalidConfig | C::PolicyViolation => config_error("topic_properties", text()),
+        C::InvalidPartitions => BrokerError::Config { key: "partitions".into(), reason: text() },
+        C::InvalidRequiredAcks => config_error("properties", text()),
+        // The client itself is dead (a fatal idempotent-producer error, a
+        // fenced producer, a destroyed handle): rebuild it.
+        C::Fatal | C::ProducerFenced | C::InvalidProducerEpoch | C::BrokerDestroy => BrokerError::SessionFailed(text()),
+        // The group moved on: the commit of an old generation is fenced.
         C::IllegalGeneration
         | C::UnknownMemberId
         | C::RebalanceInProgress
@@ -613,18 +640,45 @@ fn commit_error(code: RDKafkaErrorCode, partition: &str) -> BrokerError {
         | C::StaleMemberEpoch
         | C::FencedMemberEpoch
         | C::Fenced
-        | C::State => BrokerError::CommitRejected { partition: partition.to_string(), reason: code.to_string() },
-        code => code_error(&format!("commit of {partition}"), code),
+        | C::State => match op {
+            Op::Commit => BrokerError::CommitRejected {
+                partition: what.strip_prefix("commit of ").unwrap_or(what).to_string(),
+                reason: code.to_string(),
+            },
+            Op::Publish | Op::Admin => BrokerError::Unavailable(text()),
+        },
+        _ => BrokerError::Other(text()),
     }
 }
 
-fn metadata_error(what: &str, e: KafkaError) -> BrokerError {
+/// A [`KafkaError`] without an error code worth a row: the handle went
+/// away (`Canceled`: the producer is shutting down) or something unknown.
+fn kafka_error(op: Op, what: &str, e: KafkaError) -> BrokerError {
     match e {
-        KafkaError::MetadataFetch(code) | KafkaError::OffsetFetch(code) | KafkaError::AdminOp(code) => {
-            code_error(what, code)
-        }
-        other => BrokerError::Other(format!("{what}: {other}")),
+        KafkaError::Canceled => BrokerError::Closed,
+        // rdkafka reports no code for a failed admin request as a whole.
+        KafkaError::AdminOp(code) => classify(op, what, code),
+        e => match e.rdkafka_error_code() {
+            Some(code) => classify(op, what, code),
+            None => BrokerError::Other(format!("{what}: {e}")),
+        },
     }
+}
+
+fn produce_error(topic: &str, e: KafkaError) -> BrokerError {
+    kafka_error(Op::Publish, &format!("publish to {topic:?}"), e)
+}
+
+fn commit_error(code: RDKafkaErrorCode, partition: &str) -> BrokerError {
+    classify(Op::Commit, &format!("commit of {partition}"), code)
+}
+
+fn code_error(what: &str, code: RDKafkaErrorCode) -> BrokerError {
+    classify(Op::Admin, what, code)
+}
+
+fn metadata_error(what: &str, e: KafkaError) -> BrokerError {
+    kafka_error(Op::Admin, what, e)
 }
 
 // ---------------------------------------------------------------------------
@@ -636,21 +690,73 @@ fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
             tracing::error!(target: "librdkafka", "{fac}: {message}")
         }
         RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
-        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", "{fac}: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", "{fac}: {message}")
+        }
         RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
     }
 }
 
+/// The state [`Broker::connection_state`] reports: Connected while the
+/// producer reaches a broker and no session's poll thread has died.
+///
+/// librdkafka reports `AllBrokersDown` through the error callback when it
+/// lost every broker connection, but reports no recovery; its statistics,
+/// every [`STATISTICS_INTERVAL_MS`], list each broker's state, and one in
+/// state `UP` means it is back. A session whose poll thread died counts as
+/// a disconnect until that session is closed or dropped (the consumer
+/// rebuilds it), so `health()` is not ready meanwhile.
+pub struct ConnectionTracker {
+    state: watch::Sender<ConnectionState>,
+    reachable: AtomicBool,
+    dead_sessions: AtomicUsize,
+}
+
+impl ConnectionTracker {
+    fn new() -> ConnectionTracker {
+        // Connected until librdkafka says otherwise (it connects lazily).
+        ConnectionTracker {
+            state: watch::Sender::new(ConnectionState::Connected),
+            reachable: AtomicBool::new(true),
+            dead_sessions: AtomicUsize::new(0),
+        }
+    }
+
+    fn set_reachable(&self, reachable: bool) {
+        self.reachable.store(reachable, Ordering::Release);
+        self.publish();
+    }
+
+    fn session_died(&self) {
+        self.dead_sessions.fetch_add(1, Ordering::AcqRel);
+        self.publish();
+    }
+
+    fn dead_session_gone(&self) {
+        self.dead_sessions.fetch_sub(1, Ordering::AcqRel);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let state = if self.reachable.load(Ordering::Acquire) && self.dead_sessions.load(Ordering::Acquire) == 0 {
+            ConnectionState::Connected
+        } else {
+            ConnectionState::Disconnected
+        };
+        // Only transitions notify, so watchers can count reconnects.
+        let changed = self.state.send_if_modified(|s| std::mem::replace(s, state) != state);
+        if changed {
+            tracing::info!(?state, "kafka connection state changed");
+        }
+    }
+}
+
 /// Context of the producer and the admin client. The producer's also keeps
-/// the broker's [`ConnectionState`]: librdkafka reports `AllBrokersDown`
-/// through the error callback when it lost every broker connection
-/// (Disconnected), but reports no recovery; its statistics, every
-/// [`STATISTICS_INTERVAL_MS`], list each broker's state, and one in state
-/// `UP` means it is back (Connected).
+/// the [`ConnectionTracker`] up to date.
 #[derive(Clone)]
 pub struct LogContext {
     role: &'static str,
-    connection: Option<Arc<watch::Sender<ConnectionState>>>,
+    connection: Option<Arc<ConnectionTracker>>,
 }
 
 impl LogContext {
@@ -658,13 +764,9 @@ impl LogContext {
         LogContext { role, connection: None }
     }
 
-    fn set_connection(&self, state: ConnectionState) {
+    fn set_reachable(&self, reachable: bool) {
         if let Some(connection) = &self.connection {
-            // Only transitions notify, so watchers can count reconnects.
-            let changed = connection.send_if_modified(|s| std::mem::replace(s, state) != state);
-            if changed {
-                tracing::info!(client = self.role, ?state, "kafka connection state changed");
-            }
+            connection.set_reachable(reachable);
         }
     }
 }
@@ -677,19 +779,17 @@ impl ClientContext for LogContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(client = self.role, %error, "kafka client error: {reason}");
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.set_connection(ConnectionState::Disconnected);
+            self.set_reachable(false);
         }
     }
 
     fn stats(&self, statistics: Statistics) {
         // librdkafka's internal and logical (coordinator) brokers are not
         // connections.
-        let up = statistics
-            .brokers
-            .values()
-            .any(|b| b.state == "UP" && (b.source == "learned" || b.source == "configured"));
+        let up =
+            statistics.brokers.values().any(|b| b.state == "UP" && (b.source == "learned" || b.source == "configured"));
         if up {
-            self.set_connection(ConnectionState::Connected);
+            self.set_reachable(true);
         }
     }
 }
@@ -723,6 +823,12 @@ pub struct KafkaStats {
     pub commit_errors: AtomicU64,
     /// Consumer errors reported by librdkafka (transport, coordinator, ...).
     pub consumer_errors: AtomicU64,
+    /// Sessions whose poll thread died (panic or fatal error).
+    pub session_failures: AtomicU64,
+    /// Records delivered without their payload: above `max_payload_bytes`.
+    pub oversized: AtomicU64,
+    /// Records with a header name that is not UTF-8.
+    pub undecodable_headers: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -734,8 +840,8 @@ struct Inner {
     producer: FutureProducer<LogContext>,
     admin: Arc<AdminClient<LogContext>>,
     stats: Arc<KafkaStats>,
-    /// Kept by the producer's context.
-    connection: Arc<watch::Sender<ConnectionState>>,
+    /// Kept by the producer's context and the sessions.
+    connection: Arc<ConnectionTracker>,
     /// Per group, a member that never joins, for reading committed offsets
     /// (consumer lag is read periodically: create it once).
     offset_readers: Mutex<HashMap<String, Arc<BaseConsumer<LogContext>>>>,
@@ -777,8 +883,7 @@ impl KafkaBroker {
     pub fn new(config: KafkaConfig) -> Result<KafkaBroker, BrokerError> {
         config.validate()?;
         let props = config.producer_props();
-        // Connected until librdkafka says otherwise (it connects lazily).
-        let connection = Arc::new(watch::Sender::new(ConnectionState::Connected));
+        let connection = Arc::new(ConnectionTracker::new());
         let context = LogContext { role: "producer", connection: Some(connection.clone()) };
         let producer: FutureProducer<LogContext> =
             props.client_config().create_with_context(context).map_err(|e| props.error(e))?;
@@ -848,12 +953,14 @@ impl KafkaBroker {
                 .inner()
                 .fetch_metadata(Some(&name), inner.config.request_timeout)
                 .map_err(|e| metadata_error(&format!("metadata of {name:?}"), e))?;
-            let Some(t) = md.topics().iter().find(|t| t.name() == name) else { return Ok(None) };
+            let Some(t) = md.topics().iter().find(|t| t.name() == name) else {
+                return Ok(None);
+            };
             match t.error().map(RDKafkaErrorCode::from) {
                 None => Ok(Some(t.partitions().len() as u32).filter(|n| *n > 0)),
                 Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => Ok(None),
                 Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
-                    Err(BrokerError::Other(format!("metadata of {name:?}: not authorized")))
+                    Err(BrokerError::Unauthorized(format!("metadata of {name:?}: not authorized")))
                 }
                 Some(RDKafkaErrorCode::InvalidTopic) => {
                     Err(config_error("topic", format!("{name:?} rejected by the broker")))
@@ -1057,7 +1164,7 @@ impl Broker for KafkaBroker {
     }
 
     fn connection_state(&self) -> watch::Receiver<ConnectionState> {
-        self.inner.connection.subscribe()
+        self.inner.connection.state.subscribe()
     }
 
     /// Every partition of `topics` (from the metadata; topics that do not
@@ -1105,31 +1212,87 @@ impl Broker for KafkaBroker {
         }
         self.await_partitions(topic, partitions).await
     }
+
+    /// Creates the dead-letter topic with as many partitions as `source`
+    /// (dead letters keep the origin's key, so an aggregate's dead letters
+    /// land in one partition, in order), through the admin API: it works
+    /// with the broker's `auto.create.topics.enable` off. A name Kafka cannot
+    /// hold (over 249 characters, or characters other than `[a-zA-Z0-9._-]`)
+    /// fails with [`BrokerError::Config`] (key `kafka.topic`) before any
+    /// request. An existing dead-letter topic is used as it is (with fewer
+    /// partitions than the source it is not grown: a warning says so). A
+    /// source that does not exist yet gets a one-partition dead-letter topic.
+    async fn ensure_dead_letter_topic(&self, source: &str, dead_letter: &str) -> Result<(), BrokerError> {
+        validate_topic(source)?;
+        validate_topic(dead_letter).map_err(|e| match e {
+            BrokerError::Config { key, reason } => {
+                BrokerError::Config { key, reason: format!("dead-letter topic of {source:?}: {reason}") }
+            }
+            e => e,
+        })?;
+        let wanted = self.partitions(source).await?.unwrap_or(1);
+        match self.partitions(dead_letter).await? {
+            Some(n) => {
+                if n < wanted {
+                    tracing::warn!(
+                        source,
+                        dead_letter,
+                        partitions = n,
+                        source_partitions = wanted,
+                        "the dead-letter topic has fewer partitions than its source; left as it is"
+                    );
+                }
+                Ok(())
+            }
+            None => {
+                self.create_topic(dead_letter, wanted).await?;
+                self.await_partitions(dead_letter, 1).await
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
 // The session.
 
+/// What the poll thread sends to [`Session::next`]: an event, with the
+/// epoch of an `Assigned` (0 otherwise).
+type Sent = Result<(SessionEvent, Epoch), BrokerError>;
+
 /// What the poll thread and the rebalance callbacks share with the session.
 struct Shared {
-    events: mpsc::UnboundedSender<Result<SessionEvent, BrokerError>>,
+    events: mpsc::UnboundedSender<Sent>,
     /// Messages in `events` not yet taken by `next`.
     buffered: AtomicUsize,
     /// Set by close/drop: the poll thread leaves, a revoke stops waiting.
     stop: AtomicBool,
-    /// Partitions of the revoke being waited for, not yet released.
-    revoking: Mutex<BTreeSet<TopicPartition>>,
+    /// Assignments, revokes and commits, fenced by epoch; `released` is
+    /// signalled whenever a release or a commit ends.
+    book: Mutex<Assignments>,
     released: Condvar,
-    /// Partitions assigned to this member (commits are limited to them).
-    owned: Mutex<BTreeSet<TopicPartition>>,
     /// The assignment is paused because the buffer is full.
     paused: AtomicBool,
     /// Interned topic names.
     topics: Mutex<HashMap<String, Arc<str>>>,
     revoke_timeout: Duration,
+    request_timeout: Duration,
+    /// Payloads above this are not copied (see [`KafkaConfig::max_payload_bytes`]).
+    max_payload_bytes: usize,
     stats: Arc<KafkaStats>,
+    connection: Arc<ConnectionTracker>,
+    /// [`ALIVE`], [`DEAD`] (the poll thread died; the tracker counts this
+    /// session as a disconnect) or [`GONE`] (closed or dropped: a death
+    /// after that is not counted).
+    life: AtomicU8,
+    /// Test-only fault: the poll thread panics at its next turn.
+    inject_panic: AtomicBool,
     group: String,
 }
+
+/// [`Shared::life`] states.
+const ALIVE: u8 = 0;
+const DEAD: u8 = 1;
+const GONE: u8 = 2;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -1160,44 +1323,70 @@ impl Shared {
     }
 
     fn send(&self, event: SessionEvent) -> bool {
-        self.events.send(Ok(event)).is_ok()
+        self.events.send(Ok((event, 0))).is_ok()
+    }
+
+    /// The poll thread died (`reason`): the consumer's next `next()` fails
+    /// with [`BrokerError::SessionFailed`] and the connection state reports
+    /// a disconnect until this session is gone.
+    fn fail(&self, reason: String) {
+        tracing::error!(group = %self.group, %reason, "kafka poll thread died; the session failed");
+        bump(&self.stats.session_failures);
+        if self.life.compare_exchange(ALIVE, DEAD, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.connection.session_died();
+        }
+        let _ = self.events.send(Err(BrokerError::SessionFailed(format!("group {:?}: {reason}", self.group))));
+    }
+
+    /// The session is gone: a dead poll thread no longer counts.
+    fn forget(&self) {
+        if self.life.swap(GONE, Ordering::AcqRel) == DEAD {
+            self.connection.dead_session_gone();
+        }
     }
 
     /// Hands a revoke to the consumer and blocks (the poll thread) until it
-    /// released the partitions, the session stops, or `revoke_timeout`.
+    /// released the partitions, the session stops, or `revoke_timeout`; then
+    /// disowns them and waits (up to `request_timeout`) for commits of them
+    /// already in flight, so none lands after librdkafka handed them on.
     fn revoke_and_wait(&self, tps: Vec<TopicPartition>) {
-        let mut waiting = lock(&self.revoking);
-        waiting.extend(tps.iter().cloned());
+        let mut book = lock(&self.book);
+        let revoke = book.begin_revoke(&tps);
+        if revoke.is_empty() {
+            return;
+        }
         bump(&self.stats.revoked);
         if !self.send(SessionEvent::Revoked(tps.clone())) {
-            waiting.clear();
+            book.end_revoke(&revoke);
             return;
         }
         let started = Instant::now();
         let deadline = started + self.revoke_timeout;
-        while !waiting.is_empty() && !self.stop.load(Ordering::Acquire) {
+        while book.awaiting_release(&revoke) && !self.stop.load(Ordering::Acquire) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 bump(&self.stats.revoke_timeouts);
                 tracing::warn!(
                     group = %self.group,
-                    partitions = ?waiting,
+                    partitions = ?tps,
                     timeout = ?self.revoke_timeout,
                     "revoke not released in time; giving the partitions up without the final commit"
                 );
                 break;
             }
-            waiting = self.released.wait_timeout(waiting, left).unwrap_or_else(|p| p.into_inner()).0;
+            book = self.released.wait_timeout(book, left).unwrap_or_else(|p| p.into_inner()).0;
         }
-        waiting.clear();
+        book.end_revoke(&revoke);
+        let deadline = Instant::now() + self.request_timeout;
+        while book.committing(&revoke) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(group = %self.group, partitions = ?tps, "a commit of revoked partitions is still in flight");
+                break;
+            }
+            book = self.released.wait_timeout(book, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
         tracing::debug!(group = %self.group, ?tps, took = ?started.elapsed(), "revoke released");
-    }
-
-    fn disown(&self, tps: &[TopicPartition]) {
-        let mut owned = lock(&self.owned);
-        for tp in tps {
-            owned.remove(tp);
-        }
     }
 }
 
@@ -1229,23 +1418,24 @@ impl ConsumerContext for SessionContext {
                 if shared.stop.load(Ordering::Acquire) {
                     // Leaving the group: the consumer has committed already
                     // (or is gone, like a crashed process).
-                    shared.disown(&tps);
+                    lock(&shared.book).disown(&tps);
                     return;
                 }
                 if consumer.assignment_lost() {
                     bump(&shared.stats.lost);
                     tracing::warn!(group = %shared.group, ?tps, "assignment lost");
-                    shared.disown(&tps);
-                    shared.send(SessionEvent::Lost(tps));
+                    let gone = lock(&shared.book).disown(&tps);
+                    if !gone.is_empty() {
+                        shared.send(SessionEvent::Lost(gone));
+                    }
                     return;
                 }
-                shared.revoke_and_wait(tps.clone());
-                shared.disown(&tps);
+                shared.revoke_and_wait(tps);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
                 // The assignment is dropped after this callback.
-                let tps = std::mem::take(&mut *lock(&shared.owned)).into_iter().collect::<Vec<_>>();
+                let tps = lock(&shared.book).disown_all();
                 tracing::warn!(group = %shared.group, error = %e, ?tps, "rebalance error; assignment lost");
                 if !tps.is_empty() {
                     bump(&shared.stats.lost);
@@ -1261,9 +1451,12 @@ impl ConsumerContext for SessionContext {
             let tps = shared.tps(tpl);
             if !tps.is_empty() {
                 bump(&shared.stats.assigned);
-                lock(&shared.owned).extend(tps.iter().cloned());
-                tracing::debug!(group = %shared.group, ?tps, "assigned");
-                shared.send(SessionEvent::Assigned(tps));
+                // The epoch is taken and the event sent under the lock, so
+                // `next` sees epochs in order.
+                let mut book = lock(&shared.book);
+                let epoch = book.assign(&tps);
+                tracing::debug!(group = %shared.group, ?tps, epoch, "assigned");
+                let _ = shared.events.send(Ok((SessionEvent::Assigned(tps), epoch)));
             }
         }
         // New partitions start unpaused: keep the whole assignment paused
@@ -1283,9 +1476,11 @@ type GroupConsumer = BaseConsumer<SessionContext>;
 pub struct KafkaSession {
     consumer: Option<Arc<GroupConsumer>>,
     shared: Arc<Shared>,
-    events: mpsc::UnboundedReceiver<Result<SessionEvent, BrokerError>>,
+    events: mpsc::UnboundedReceiver<Sent>,
     /// Resolves when the poll thread closed the consumer and exited.
     exited: Option<oneshot::Receiver<()>>,
+    /// The session failed (its poll thread died): every later `next` says so.
+    failed: Option<BrokerError>,
     request_timeout: Duration,
 }
 
@@ -1301,13 +1496,17 @@ impl KafkaSession {
             events: tx,
             buffered: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
-            revoking: Mutex::new(BTreeSet::new()),
+            book: Mutex::new(Assignments::default()),
             released: Condvar::new(),
-            owned: Mutex::new(BTreeSet::new()),
             paused: AtomicBool::new(false),
             topics: Mutex::new(HashMap::new()),
             revoke_timeout: cfg.revoke_timeout,
+            request_timeout: cfg.request_timeout,
+            max_payload_bytes: cfg.max_payload_bytes,
             stats: broker.inner.stats.clone(),
+            connection: broker.inner.connection.clone(),
+            life: AtomicU8::new(ALIVE),
+            inject_panic: AtomicBool::new(false),
             group: group.to_string(),
         });
         let props = cfg.consumer_props(group);
@@ -1328,10 +1527,25 @@ impl KafkaSession {
             low: cfg.max_buffered / 2,
             delivered: HashMap::new(),
         };
+        let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name(format!("kafka-poll-{group}"))
             .spawn(move || {
-                poll.run();
+                // Any exit but a requested stop is a failed session, a panic
+                // included: the consumer hears of it at once.
+                let failure = match std::panic::catch_unwind(AssertUnwindSafe(|| poll.run())) {
+                    Ok(PollExit::Stopped) => None,
+                    Ok(PollExit::Failed(reason)) => Some(reason),
+                    Err(panic) => Some(format!("poll thread panicked: {}", crate::pool::panic_message(&*panic))),
+                };
+                match failure {
+                    // Closing anyway: nobody waits for the session's events.
+                    Some(reason) if thread_shared.stop.load(Ordering::Acquire) => {
+                        tracing::warn!(group = %thread_shared.group, %reason, "kafka poll thread died while closing");
+                    }
+                    Some(reason) => thread_shared.fail(reason),
+                    None => {}
+                }
                 let _ = exited_tx.send(());
             })
             .map_err(|e| BrokerError::Other(format!("starting the poll thread: {e}")))?;
@@ -1341,25 +1555,34 @@ impl KafkaSession {
             shared,
             events: rx,
             exited: Some(exited),
+            failed: None,
             request_timeout: cfg.request_timeout,
         })
     }
 
     /// Partitions currently assigned to this member.
     pub fn assignment(&self) -> Vec<TopicPartition> {
-        lock(&self.shared.owned).iter().cloned().collect()
+        lock(&self.shared.book).owned()
+    }
+
+    /// A test fault: the poll thread panics at its next turn, as it would on
+    /// a bug in the client library. The session must then fail
+    /// ([`BrokerError::SessionFailed`]) instead of going quiet.
+    #[doc(hidden)]
+    pub fn inject_poll_thread_panic(&self) {
+        self.shared.inject_panic.store(true, Ordering::Release);
     }
 
     fn signal_stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
-        let _guard = lock(&self.shared.revoking);
+        let _guard = lock(&self.shared.book);
         self.shared.released.notify_all();
     }
 
-    async fn commit_owned(&self, offsets: Vec<(TopicPartition, u64)>) -> Result<(), BrokerError> {
+    async fn commit_owned(&self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
         let consumer = self.consumer.clone().ok_or(BrokerError::Closed)?;
         let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-        for (tp, offset) in &offsets {
+        for (tp, offset) in offsets {
             let offset = i64::try_from(*offset).map_err(|_| BrokerError::Other(format!("offset {offset} of {tp}")))?;
             tpl.add_partition_offset(&tp.topic, tp.partition as i32, Offset::Offset(offset))
                 .map_err(|e| BrokerError::Other(format!("commit of {tp}: {e}")))?;
@@ -1380,7 +1603,7 @@ impl KafkaSession {
             Ok(()) => {}
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => return Ok(()),
             Err(KafkaError::ConsumerCommit(code)) => return Err(commit_error(code, &what())),
-            Err(e) => return Err(BrokerError::Other(format!("commit of {}: {e}", what()))),
+            Err(e) => return Err(kafka_error(Op::Commit, &format!("commit of {}", what()), e)),
         }
         // Per-partition results.
         for e in tpl.elements() {
@@ -1390,6 +1613,14 @@ impl KafkaSession {
         }
         Ok(())
     }
+}
+
+/// Why the poll loop returned.
+enum PollExit {
+    /// `stop` was set, or the session is gone.
+    Stopped,
+    /// The consumer cannot go on.
+    Failed(String),
 }
 
 struct PollLoop {
@@ -1402,9 +1633,15 @@ struct PollLoop {
 }
 
 impl PollLoop {
-    fn run(mut self) {
+    fn run(mut self) -> PollExit {
         let mut last_error: Option<(String, Instant)> = None;
-        while !self.shared.stop.load(Ordering::Acquire) {
+        let exit = loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                break PollExit::Stopped;
+            }
+            if self.shared.inject_panic.swap(false, Ordering::AcqRel) {
+                panic!("injected poll thread panic (test fault)");
+            }
             let consumer = self.consumer.clone();
             match consumer.poll(POLL_INTERVAL) {
                 None => {}
@@ -1414,14 +1651,12 @@ impl PollLoop {
                     bump(&self.shared.stats.fetched);
                     self.shared.buffered.fetch_add(1, Ordering::AcqRel);
                     if !self.shared.send(SessionEvent::Message(delivery)) {
-                        break; // the session is gone
+                        break PollExit::Stopped; // the session is gone
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
-                    tracing::error!(group = %self.shared.group, error = %code, "fatal consumer error; session closed");
-                    let _ = self.shared.events.send(Err(BrokerError::Closed));
-                    break;
+                    break PollExit::Failed(format!("fatal consumer error: {code}"));
                 }
                 Some(Err(e)) => {
                     bump(&self.shared.stats.consumer_errors);
@@ -1437,10 +1672,11 @@ impl PollLoop {
                 }
             }
             self.back_pressure();
-        }
+        };
         // Dropping the last reference closes the consumer and leaves the
         // group (a revoke during the close does not wait: `stop` is set).
         drop(self.consumer);
+        exit
     }
 
     fn back_pressure(&self) {
@@ -1474,55 +1710,121 @@ impl PollLoop {
         let high = self.delivered.entry((topic.clone(), partition)).or_insert(0);
         let attempt = if offset < *high { 2 } else { 1 };
         *high = (*high).max(offset + 1);
-        let mut headers: Headers = Vec::new();
-        if let Some(h) = m.headers() {
-            for header in h.iter() {
-                headers.push((header.key.to_string(), header.value.map(<[u8]>::to_vec).unwrap_or_default()));
-            }
-        }
+        // Headers through the C API: rdkafka's own accessors panic on a
+        // name that is not UTF-8.
+        // SAFETY: `m` is a live message for the duration of the call.
+        let raw = unsafe { raw_headers::read(m.ptr()) };
+        let (mut headers, undecodable) = delivered_headers(&raw);
         let timestamp = m
             .timestamp()
             .to_millis()
             .and_then(|ms| u64::try_from(ms).ok())
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
-        Delivery {
-            topic,
-            partition,
-            offset,
-            key: m.key().map(<[u8]>::to_vec),
-            headers,
-            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            timestamp,
-            attempt,
+        // The size is checked before the payload is copied.
+        let size = m.payload_len();
+        let payload = if size > self.shared.max_payload_bytes {
+            bump(&self.shared.stats.oversized);
+            tracing::warn!(
+                group = %self.shared.group,
+                %topic, partition, offset, size, limit = self.shared.max_payload_bytes,
+                "payload above kafka.max_payload_bytes; delivered without it, marked undeliverable"
+            );
+            mark_undeliverable(
+                &mut headers,
+                super::REASON_TOO_LARGE,
+                &format!(
+                    "payload of {size} bytes exceeds kafka.max_payload_bytes ({}); it stays at the origin offset",
+                    self.shared.max_payload_bytes
+                ),
+            );
+            Vec::new()
+        } else {
+            m.payload().map(<[u8]>::to_vec).unwrap_or_default()
+        };
+        if undecodable {
+            bump(&self.shared.stats.undecodable_headers);
+            tracing::warn!(
+                group = %self.shared.group, %topic, partition, offset,
+                "header name is not UTF-8; delivered marked undeliverable (undecodable-headers)"
+            );
         }
+        Delivery { topic, partition, offset, key: m.key().map(<[u8]>::to_vec), headers, payload, timestamp, attempt }
     }
+}
+
+/// The delivery's headers from the record's raw ones, and whether a name was
+/// not UTF-8: then the names are converted lossily, and the record is
+/// marked undeliverable (`undecodable-headers`) with every original header
+/// in [`HEADER_RAW_HEADERS`](super::HEADER_RAW_HEADERS). A null value is
+/// delivered empty.
+fn delivered_headers(raw: &[raw_headers::RawHeader]) -> (Headers, bool) {
+    let mut undecodable = false;
+    let mut headers: Headers = raw
+        .iter()
+        .map(|h| {
+            let name = match std::str::from_utf8(&h.name) {
+                Ok(name) => name.to_string(),
+                Err(_) => {
+                    undecodable = true;
+                    String::from_utf8_lossy(&h.name).into_owned()
+                }
+            };
+            (name, h.value.clone().unwrap_or_default())
+        })
+        .collect();
+    if undecodable {
+        headers.push((super::HEADER_RAW_HEADERS.to_string(), raw_headers::encode(raw)));
+        mark_undeliverable(&mut headers, super::REASON_UNDECODABLE_HEADERS, "a header name is not UTF-8");
+    }
+    (headers, undecodable)
+}
+
+/// Marks a delivery for the dead letter (see [`Delivery::undeliverable`]).
+fn mark_undeliverable(headers: &mut Headers, reason: &str, detail: &str) {
+    headers.push((super::HEADER_UNDELIVERABLE_DETAIL.to_string(), detail.as_bytes().to_vec()));
+    headers.push((super::HEADER_UNDELIVERABLE.to_string(), reason.as_bytes().to_vec()));
 }
 
 impl Session for KafkaSession {
     async fn next(&mut self) -> Result<SessionEvent, BrokerError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
         match self.events.recv().await {
-            Some(Ok(event)) => {
-                if matches!(event, SessionEvent::Message(_)) {
-                    self.shared.buffered.fetch_sub(1, Ordering::AcqRel);
+            Some(Ok((event, epoch))) => {
+                match &event {
+                    SessionEvent::Message(_) => {
+                        self.shared.buffered.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    SessionEvent::Assigned(tps) => lock(&self.shared.book).seen_assigned(tps, epoch),
+                    SessionEvent::Lost(tps) => lock(&self.shared.book).seen_lost(tps),
+                    SessionEvent::Revoked(_) => {}
                 }
                 Ok(event)
             }
-            Some(Err(e)) => Err(e),
+            Some(Err(e)) => {
+                if e.class() == super::ErrorClass::Fatal {
+                    self.failed = Some(e.clone());
+                }
+                Err(e)
+            }
             None => Err(BrokerError::Closed),
         }
     }
 
     async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
-        let (owned, foreign): (Vec<_>, Vec<_>) = {
-            let owned = lock(&self.shared.owned);
-            offsets.iter().cloned().partition(|(tp, _)| owned.contains(tp))
-        };
-        let result = if owned.is_empty() { Ok(()) } else { self.commit_owned(owned).await };
-        let result = result.and_then(|()| match foreign.first() {
+        let decision = lock(&self.shared.book).begin_commit(offsets);
+        let result = if decision.allowed.is_empty() { Ok(()) } else { self.commit_owned(&decision.allowed).await };
+        {
+            let mut book = lock(&self.shared.book);
+            book.end_commit(&decision.allowed);
+            self.shared.released.notify_all();
+        }
+        let result = result.and_then(|()| match decision.rejected.first() {
             None => Ok(()),
             Some((tp, _)) => Err(BrokerError::CommitRejected {
                 partition: tp.to_string(),
-                reason: "not assigned to this member any more (revoked or lost)".into(),
+                reason: "not assigned to this member any more (revoked or lost), or reassigned since".into(),
             }),
         });
         match &result {
@@ -1533,11 +1835,10 @@ impl Session for KafkaSession {
     }
 
     async fn release(&mut self, partitions: &[TopicPartition]) -> Result<(), BrokerError> {
-        let mut waiting = lock(&self.shared.revoking);
-        for tp in partitions {
-            waiting.remove(tp);
+        let mut book = lock(&self.shared.book);
+        if book.release(partitions) {
+            self.shared.released.notify_all();
         }
-        self.shared.released.notify_all();
         Ok(())
     }
 
@@ -1572,6 +1873,7 @@ impl Session for KafkaSession {
 impl Drop for KafkaSession {
     fn drop(&mut self) {
         self.signal_stop();
+        self.shared.forget();
         if let Some(consumer) = self.consumer.take() {
             // Closing a consumer blocks: never on an async worker thread.
             let _ = std::thread::Builder::new().name("kafka-close".into()).spawn(move || drop(consumer));
@@ -1652,5 +1954,147 @@ mod tests {
         p.set("sasl.mechanism", "GSSAPI", "kafka.properties.sasl.mechanism");
         let e = p.error(KafkaError::ClientCreation("No provider for SASL mechanism GSSAPI: recompile".into()));
         assert!(matches!(e, BrokerError::Config { ref key, .. } if key == "kafka.properties.sasl.mechanism"), "{e:?}");
+    }
+
+    // The error table, one test per row (`classify`).
+
+    fn kinds(op: Op, codes: &[RDKafkaErrorCode]) -> Vec<(RDKafkaErrorCode, &'static str)> {
+        codes.iter().map(|&c| (c, classify(op, "t[0]", c).kind())).collect()
+    }
+
+    fn assert_row(op: Op, codes: &[RDKafkaErrorCode], kind: &str, class: crate::broker::ErrorClass) {
+        for (code, got) in kinds(op, codes) {
+            assert_eq!(got, kind, "{code:?}");
+            assert_eq!(classify(op, "t[0]", code).class(), class, "{code:?}");
+        }
+    }
+
+    use crate::broker::ErrorClass as Class;
+    use RDKafkaErrorCode as C;
+
+    #[test]
+    fn table_timeouts_are_retriable() {
+        let codes = [C::MessageTimedOut, C::RequestTimedOut, C::OperationTimedOut, C::TimedOutQueue];
+        assert_row(Op::Publish, &codes, "timeout", Class::Retriable);
+    }
+
+    #[test]
+    fn table_unreachable_brokers_are_unavailable() {
+        let codes = [
+            C::AllBrokersDown,
+            C::BrokerTransportFailure,
+            C::Resolve,
+            C::LeaderNotAvailable,
+            C::NotLeaderForPartition,
+            C::CoordinatorLoadInProgress,
+            C::NotEnoughReplicas,
+            C::KafkaStorageError,
+        ];
+        assert_row(Op::Publish, &codes, "unavailable", Class::Retriable);
+    }
+
+    #[test]
+    fn table_queue_full_and_quotas_are_full() {
+        assert_row(Op::Publish, &[C::QueueFull, C::ThrottlingQuotaExceeded], "full", Class::Retriable);
+    }
+
+    #[test]
+    fn table_unknown_topics() {
+        let codes = [C::UnknownTopicOrPartition, C::UnknownTopic, C::UnknownPartition];
+        assert_row(Op::Publish, &codes, "unknown_topic", Class::Permanent);
+    }
+
+    #[test]
+    fn table_authentication_and_acls_are_unauthorized() {
+        let codes = [
+            C::TopicAuthorizationFailed,
+            C::GroupAuthorizationFailed,
+            C::ClusterAuthorizationFailed,
+            C::TransactionalIdAuthorizationFailed,
+            C::SaslAuthenticationFailed,
+            C::Authentication,
+        ];
+        assert_row(Op::Publish, &codes, "unauthorized", Class::Permanent);
+        assert_row(Op::Commit, &codes, "unauthorized", Class::Permanent);
+    }
+
+    #[test]
+    fn table_messages_the_broker_refuses() {
+        let codes = [
+            C::MessageSizeTooLarge,
+            C::InvalidMessageSize,
+            C::MessageBatchTooLarge,
+            C::InvalidMessage,
+            C::InvalidRecord,
+            C::InvalidTimestamp,
+        ];
+        assert_row(Op::Publish, &codes, "refused", Class::Permanent);
+    }
+
+    #[test]
+    fn table_configuration_name_the_key() {
+        let key = |c| match classify(Op::Admin, "t", c) {
+            BrokerError::Config { key, .. } => key,
+            e => panic!("{c:?}: {e:?}"),
+        };
+        assert_eq!(key(C::InvalidTopic), "kafka.topic");
+        assert_eq!(key(C::InvalidReplicationFactor), "kafka.replication_factor");
+        assert_eq!(key(C::PolicyViolation), "kafka.topic_properties");
+        assert_eq!(key(C::InvalidPartitions), "partitions");
+    }
+
+    #[test]
+    fn table_a_dead_client_fails_the_session() {
+        let codes = [C::Fatal, C::ProducerFenced, C::InvalidProducerEpoch, C::BrokerDestroy];
+        assert_row(Op::Publish, &codes, "session_failed", Class::Fatal);
+    }
+
+    #[test]
+    fn table_group_generation_errors_reject_a_commit_only() {
+        let codes = [C::IllegalGeneration, C::UnknownMemberId, C::RebalanceInProgress, C::FencedInstanceId];
+        assert_row(Op::Commit, &codes, "commit_rejected", Class::Permanent);
+        assert_row(Op::Admin, &codes, "unavailable", Class::Retriable);
+        match commit_error(C::IllegalGeneration, "t[2]") {
+            BrokerError::CommitRejected { partition, .. } => assert_eq!(partition, "t[2]"),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn table_only_unknown_codes_are_other() {
+        assert_row(Op::Publish, &[C::UnsupportedVersion, C::Unknown], "other", Class::Permanent);
+        assert_eq!(metadata_error("t", KafkaError::AdminOp(C::OperationTimedOut)).kind(), "timeout");
+        assert_eq!(produce_error("t", KafkaError::Canceled), BrokerError::Closed);
+        assert_eq!(produce_error("t", KafkaError::MessageProduction(C::MessageSizeTooLarge)).kind(), "refused");
+    }
+
+    #[test]
+    fn headers_with_a_name_that_is_not_utf8_are_marked_with_the_raw_bytes() {
+        use raw_headers::RawHeader;
+        let good = vec![
+            RawHeader { name: b"a".to_vec(), value: Some(vec![0xff, 0]) },
+            RawHeader { name: b"n".to_vec(), value: None },
+        ];
+        let (headers, bad) = delivered_headers(&good);
+        assert!(!bad);
+        assert_eq!(headers, vec![("a".to_string(), vec![0xff, 0]), ("n".to_string(), vec![])]);
+        let mut raw = good.clone();
+        raw.push(RawHeader { name: vec![b'x', 0xff], value: Some(vec![0xc3, 0x28]) });
+        let (headers, bad) = delivered_headers(&raw);
+        assert!(bad);
+        assert_eq!(headers[2], ("x\u{fffd}".to_string(), vec![0xc3, 0x28]));
+        let d = Delivery {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            headers: headers.clone(),
+            payload: vec![],
+            timestamp: None,
+            attempt: 1,
+        };
+        assert_eq!(d.undeliverable(), Some(crate::broker::REASON_UNDECODABLE_HEADERS));
+        let encoded = &headers.iter().find(|(n, _)| n == crate::broker::HEADER_RAW_HEADERS).unwrap().1;
+        assert_eq!(raw_headers::decode(encoded), Some(raw), "lossless");
     }
 }

@@ -72,7 +72,42 @@ impl Delivery {
     pub fn topic_partition(&self) -> TopicPartition {
         TopicPartition { topic: self.topic.clone(), partition: self.partition }
     }
+
+    /// The dead-letter reason an adapter marked this delivery with (see
+    /// [`HEADER_UNDELIVERABLE`]): the consumer dead-letters it with that
+    /// reason and [`Delivery::undeliverable_detail`] as the error, without
+    /// running the handler. `None` for an ordinary delivery.
+    pub fn undeliverable(&self) -> Option<&str> {
+        self.header(HEADER_UNDELIVERABLE).map(|v| std::str::from_utf8(v).unwrap_or("undeliverable"))
+    }
+
+    /// What the adapter said about an undeliverable delivery.
+    pub fn undeliverable_detail(&self) -> Option<String> {
+        self.header(HEADER_UNDELIVERABLE_DETAIL).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The last header named `name`.
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    }
 }
+
+/// Set (last) by an adapter on a delivery it cannot pass on as the producer
+/// wrote it; the value is the dead-letter reason ([`REASON_UNDECODABLE_HEADERS`],
+/// [`REASON_TOO_LARGE`]). Reserved: a record a producer wrote with this
+/// header is dead-lettered too.
+pub const HEADER_UNDELIVERABLE: &str = "x-eventbus-undeliverable";
+/// What the adapter said about an undeliverable delivery (the dead letter's error).
+pub const HEADER_UNDELIVERABLE_DETAIL: &str = "x-eventbus-undeliverable-detail";
+/// Every header of the record as the producer wrote it, losslessly (Kafka:
+/// `broker::kafka::raw_headers::encode`), on a delivery whose header names
+/// could not all be delivered as text.
+pub const HEADER_RAW_HEADERS: &str = "x-eventbus-raw-headers";
+/// Dead-letter reason: a header name is not UTF-8.
+pub const REASON_UNDECODABLE_HEADERS: &str = "undecodable-headers";
+/// Dead-letter reason: the payload is larger than the adapter copies; the
+/// delivery carries no payload (it stays at the origin position).
+pub const REASON_TOO_LARGE: &str = "too-large";
 
 /// What a consumer session yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
