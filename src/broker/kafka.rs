@@ -68,6 +68,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::kafka_security::{self, KafkaSecurity};
 use super::{
     Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
     TopicPartition,
@@ -183,7 +184,8 @@ impl Partitioner {
 /// files. Each typed field maps onto one librdkafka property (see
 /// `docs/kafka.md`); anything else (TLS, SASL, tuning) goes through
 /// [`KafkaConfig::properties`].
-#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+// `Debug` (secrets redacted) and `Display` are in `kafka_security`.
+#[derive(Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, `host:port`, comma-separated (`bootstrap.servers`).
@@ -249,6 +251,8 @@ pub struct KafkaConfig {
     pub producer_properties: BTreeMap<String, String>,
     /// librdkafka properties of the group consumers only.
     pub consumer_properties: BTreeMap<String, String>,
+    /// TLS and SASL (`[kafka.security]`, see `docs/security.md`).
+    pub security: KafkaSecurity,
 }
 
 impl Default for KafkaConfig {
@@ -277,6 +281,7 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
+            security: KafkaSecurity::default(),
         }
     }
 }
@@ -366,6 +371,7 @@ impl KafkaConfig {
         if self.max_buffered == 0 {
             return Err(config_error("max_buffered", "must be at least 1"));
         }
+        self.security.validate()?;
         if self.replication_factor == 0 || self.replication_factor < -1 {
             return Err(config_error("replication_factor", "must be positive, or -1 for the broker's default"));
         }
@@ -387,6 +393,9 @@ impl KafkaConfig {
         let mut p = Props::default();
         p.set("bootstrap.servers", self.brokers.trim(), "kafka.brokers");
         p.set("client.id", &self.client_id, "kafka.client_id");
+        for (property, value, key) in self.security.properties() {
+            p.set(property, value, key);
+        }
         p
     }
 
@@ -502,6 +511,7 @@ impl Props {
                     .iter()
                     .find(|(p, _, _)| *p == property)
                     .map_or_else(|| format!("kafka.properties.{property}"), |(_, _, k)| k.clone());
+                let value = kafka_security::shown(&property, &value);
                 BrokerError::Config { key, reason: format!("{description} ({property}={value:?})") }
             }
             KafkaError::ClientCreation(message) => BrokerError::Config { key: self.key_of(&message), reason: message },
@@ -776,6 +786,7 @@ impl KafkaBroker {
     /// own. See [`KafkaBroker::connect`].
     pub fn new(config: KafkaConfig) -> Result<KafkaBroker, BrokerError> {
         config.validate()?;
+        let config = KafkaSecurity::prepare(config)?;
         let props = config.producer_props();
         // Connected until librdkafka says otherwise (it connects lazily).
         let connection = Arc::new(watch::Sender::new(ConnectionState::Connected));
@@ -816,9 +827,12 @@ impl KafkaBroker {
         tokio::task::spawn_blocking(move || inner.admin.inner().fetch_metadata(None, timeout).map(|_| ()))
             .await
             .map_err(|e| BrokerError::Other(e.to_string()))?
-            .map_err(|e| match metadata_error(&format!("cannot reach Kafka at {brokers}"), e) {
-                BrokerError::Other(m) => BrokerError::Unavailable(m),
-                e => e,
+            .map_err(|e| match broker.inner.config.security.connect_error(&brokers, &e) {
+                Some(typed) => typed,
+                None => match metadata_error(&format!("cannot reach Kafka at {brokers}"), e) {
+                    BrokerError::Other(m) => BrokerError::Unavailable(m),
+                    e => e,
+                },
             })?;
         Ok(broker)
     }
