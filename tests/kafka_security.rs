@@ -359,6 +359,9 @@ async fn untrusted_broker_certificate_fails_typed() {
     let started = Instant::now();
     let err = KafkaBroker::connect(config).await.unwrap_err();
     eprintln!("untrusted certificate: {err:?} after {:?}", started.elapsed());
+    for line in log_text().lines().filter(|l| l.contains("error") || l.contains("SSL") || l.contains("ssl")).take(30) {
+        eprintln!("LOG {line}");
+    }
     assert_eq!(config_key(&err), "kafka.security", "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -454,7 +454,11 @@ fn account_jwt(operator: &nkeys::KeyPair, account: &nkeys::KeyPair) -> String {
         "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
     });
     let nats = serde_json::json!({ "limits": limits, "type": "account", "version": 2 });
-    jwt(operator, &account.public_key(), "eventbus-account", nats)
+    account_jwt_of(operator, account, "eventbus-account", nats)
+}
+
+fn account_jwt_of(operator: &nkeys::KeyPair, account: &nkeys::KeyPair, name: &str, nats: serde_json::Value) -> String {
+    jwt(operator, &account.public_key(), name, nats)
 }
 
 fn creds(account: &nkeys::KeyPair, user: &nkeys::KeyPair) -> String {
@@ -485,6 +489,9 @@ async fn credentials_round_trip_and_wrong_credentials() {
         serde_json::json!({ "type": "operator", "version": 2 }),
     );
     let account_jwt = account_jwt(&operator, &account);
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = account_jwt_of(&operator, &system, "SYS", serde_json::json!({ "type": "account", "version": 2 }));
     let user = nkeys::KeyPair::new_user();
     std::fs::write(dir.join("user.creds"), creds(&account, &user)).unwrap();
     // A user of an account the server does not know.
@@ -492,8 +499,11 @@ async fn credentials_round_trip_and_wrong_credentials() {
     std::fs::write(dir.join("stranger.creds"), creds(&nkeys::KeyPair::new_account(), &stranger)).unwrap();
     std::fs::write(dir.join("garbage.creds"), "no JWT here").unwrap();
     let server = Server::start(&format!(
-        "operator: {operator_jwt:?}\nresolver: MEMORY\nresolver_preload: {{ {}: {account_jwt:?} }}",
-        account.public_key()
+        "operator: {operator_jwt:?}\nsystem_account: {}\nresolver: MEMORY\n\
+         resolver_preload: {{ {}: {account_jwt:?}, {}: {system_jwt:?} }}",
+        system.public_key(),
+        account.public_key(),
+        system.public_key(),
     ))
     .await;
     let creds = |f: &str| NatsSecurity { credentials_file: Some(dir.join(f)), ..NatsSecurity::default() };

@@ -661,11 +661,12 @@ fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
 pub struct LogContext {
     role: &'static str,
     connection: Option<Arc<watch::Sender<ConnectionState>>>,
+    security: kafka_security::SecurityFailures,
 }
 
 impl LogContext {
     fn new(role: &'static str) -> LogContext {
-        LogContext { role, connection: None }
+        LogContext { role, connection: None, security: Default::default() }
     }
 
     fn set_connection(&self, state: ConnectionState) {
@@ -686,6 +687,7 @@ impl ClientContext for LogContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(client = self.role, %error, "kafka client error: {reason}");
+        self.security.observe(&error, reason);
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.set_connection(ConnectionState::Disconnected);
         }
@@ -790,12 +792,18 @@ impl KafkaBroker {
         let props = config.producer_props();
         // Connected until librdkafka says otherwise (it connects lazily).
         let connection = Arc::new(watch::Sender::new(ConnectionState::Connected));
-        let context = LogContext { role: "producer", connection: Some(connection.clone()) };
+        // The producer connects at once (the admin client only on demand, and
+        // reports no errors): its TLS/SASL failures fail `connect`.
+        let failures = kafka_security::SecurityFailures::default();
+        let context =
+            LogContext { connection: Some(connection.clone()), security: failures.clone(), ..LogContext::new("producer") };
         let producer: FutureProducer<LogContext> =
             props.client_config().create_with_context(context).map_err(|e| props.error(e))?;
         let props = config.admin_props();
-        let admin: AdminClient<LogContext> =
-            props.client_config().create_with_context(LogContext::new("admin")).map_err(|e| props.error(e))?;
+        let admin: AdminClient<LogContext> = props
+            .client_config()
+            .create_with_context(LogContext { security: failures, ..LogContext::new("admin") })
+            .map_err(|e| props.error(e))?;
         // librdkafka checks consumer properties (and their combinations) when
         // a consumer is created: do it now, not at the first subscribe.
         // Without a group.id it never joins, so dropping it does not block.
@@ -824,16 +832,21 @@ impl KafkaBroker {
         let inner = broker.inner.clone();
         let brokers = inner.config.brokers.clone();
         let timeout = inner.config.request_timeout;
-        tokio::task::spawn_blocking(move || inner.admin.inner().fetch_metadata(None, timeout).map(|_| ()))
-            .await
-            .map_err(|e| BrokerError::Other(e.to_string()))?
-            .map_err(|e| match broker.inner.config.security.connect_error(&brokers, &e) {
-                Some(typed) => typed,
-                None => match metadata_error(&format!("cannot reach Kafka at {brokers}"), e) {
-                    BrokerError::Other(m) => BrokerError::Unavailable(m),
-                    e => e,
-                },
-            })?;
+        let fetch = async {
+            tokio::task::spawn_blocking(move || inner.admin.inner().fetch_metadata(None, timeout).map(|_| ()))
+                .await
+                .map_err(|e| BrokerError::Other(e.to_string()))?
+                .map_err(|e| match broker.inner.config.security.connect_error(&brokers, &e) {
+                    Some(typed) => typed,
+                    None => match metadata_error(&format!("cannot reach Kafka at {brokers}"), e) {
+                        BrokerError::Other(m) => BrokerError::Unavailable(m),
+                        e => e,
+                    },
+                })
+        };
+        // A failed TLS handshake or SASL login fails now, typed, not as a timeout.
+        let failures = broker.inner.admin.inner().context().security.clone();
+        failures.guard(&brokers, &broker.inner.config.security, fetch).await?;
         Ok(broker)
     }
 

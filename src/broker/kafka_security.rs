@@ -5,9 +5,12 @@
 //! `docs/security.md`.
 
 use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio::sync::watch;
 
 use super::kafka::KafkaConfig;
 use super::secret::{Secret, REDACTED};
@@ -343,6 +346,73 @@ pub fn classify(code: RDKafkaErrorCode, brokers: &str, security: &KafkaSecurity)
             Some(BrokerError::Unauthorized(format!("Kafka at {brokers}: {code}")))
         }
         _ => None,
+    }
+}
+
+/// The first security failure (TLS handshake, SASL authentication) a
+/// client reported through its error callback. librdkafka retries such a
+/// connection quietly and a metadata request only times out, so
+/// [`KafkaBroker::connect`](super::kafka::KafkaBroker::connect) watches this
+/// to fail at once with the reason. Cloning shares it.
+#[derive(Clone, Default)]
+pub struct SecurityFailures {
+    first: Arc<watch::Sender<Option<(RDKafkaErrorCode, String)>>>,
+}
+
+impl SecurityFailures {
+    /// Called from the client context's error callback; keeps the first
+    /// security failure.
+    pub fn observe(&self, error: &KafkaError, reason: &str) {
+        use RDKafkaErrorCode as C;
+        let Some(mut code) = error.rdkafka_error_code() else { return };
+        // A failed handshake is often reported as a transport failure first.
+        if code == C::BrokerTransportFailure {
+            if reason.contains("SSL handshake failed") {
+                code = C::SSL;
+            } else if reason.contains("SASL authentication error") {
+                code = C::Authentication;
+            }
+        }
+        if matches!(
+            code,
+            C::SSL | C::Authentication | C::SaslAuthenticationFailed | C::UnsupportedSASLMechanism | C::IllegalSASLState
+        ) {
+            self.first.send_if_modified(|first| {
+                let new = first.is_none();
+                if new {
+                    *first = Some((code, reason.to_string()));
+                }
+                new
+            });
+        }
+    }
+
+    /// Runs `work` (the first metadata request) unless a security failure
+    /// is reported first, which is returned typed instead.
+    pub async fn guard<T>(
+        &self,
+        brokers: &str,
+        security: &KafkaSecurity,
+        work: impl Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
+        let mut rx = self.first.subscribe();
+        let failure = async move {
+            let (code, reason) = rx.wait_for(Option::is_some).await.ok()?.clone()?;
+            Some(classify_failure(code, &reason, brokers, security))
+        };
+        tokio::select! {
+            result = work => result,
+            Some(e) = failure => Err(e),
+        }
+    }
+}
+
+fn classify_failure(code: RDKafkaErrorCode, reason: &str, brokers: &str, security: &KafkaSecurity) -> BrokerError {
+    match classify(code, brokers, security) {
+        Some(BrokerError::Unauthorized(m)) => BrokerError::Unauthorized(format!("{m}: {reason}")),
+        Some(BrokerError::Config { key, reason: r }) => BrokerError::Config { key, reason: format!("{r}: {reason}") },
+        Some(other) => other,
+        None => BrokerError::Unavailable(format!("Kafka at {brokers}: {code}: {reason}")),
     }
 }
 

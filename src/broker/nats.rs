@@ -156,7 +156,8 @@ pub enum StartFrom {
 
 /// Settings of a [`NatsBroker`]. Durations are whole milliseconds in config
 /// files.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+// `Debug` (credentials in URLs redacted) and `Display` are in `nats_security`.
+#[derive(Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URL(s), comma-separated.

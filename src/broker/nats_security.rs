@@ -410,11 +410,56 @@ fn tls_failure(at: &str, tls: &async_nats::rustls::Error) -> BrokerError {
     }
 }
 
+/// `url` with the user information of every server (`user:password@`,
+/// `token@`) replaced by `***@`. [`NatsSecurity::validate`] refuses such
+/// URLs; this keeps them out of a log line written before that.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|server| {
+            let (scheme, rest) = match server.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), server),
+            };
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}***{}", &rest[at..]),
+                None => server.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Like the derived `Debug`, but a URL's credentials print as `***` (and the
+/// [`Secret`]s of `security` as `***`). Built from the serialized form, so
+/// a field added to [`NatsConfig`] shows up without touching this.
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Json(serde_json::Value);
+        impl fmt::Debug for Json {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}", self.0)
+            }
+        }
+        let mut s = f.debug_struct("NatsConfig");
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(self) {
+            for (name, value) in fields {
+                let value = match (name.as_str(), value) {
+                    ("url", serde_json::Value::String(url)) => serde_json::Value::String(redact_url(&url)),
+                    (_, value) => value,
+                };
+                s.field(&name, &Json(value));
+            }
+        }
+        s.finish()
+    }
+}
+
 /// One line for logs: the URL(s), whether TLS is on, the authentication
 /// method. Never a secret.
 impl fmt::Display for NatsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.url, self.security)
+        write!(f, "{} ({})", redact_url(&self.url), self.security)
     }
 }
 
@@ -478,6 +523,16 @@ mod tests {
         assert_eq!(key(&cert_only, "nats://h"), "nats.security.key_file");
         let empty = NatsSecurity { token: Some(Secret::new("")), ..base };
         assert_eq!(key(&empty, "nats://h"), "nats.security.token");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("nats://u:p@h:4222,tls://tok@h2:4222/x,h3:4222"), "nats://***@h:4222,tls://***@h2:4222/x,h3:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        let config = NatsConfig { url: "nats://svc:hunter2@h:4222".into(), ..NatsConfig::default() };
+        for text in [format!("{config:?}"), format!("{config:#?}"), config.to_string()] {
+            assert!(!text.contains("hunter2") && text.contains("***@h:4222"), "{text}");
+        }
     }
 
     #[test]
