@@ -408,6 +408,19 @@ impl SecurityFailures {
 }
 
 fn classify_failure(code: RDKafkaErrorCode, reason: &str, brokers: &str, security: &KafkaSecurity) -> BrokerError {
+    // librdkafka reports a broker without SASL (or without the mechanism)
+    // as an authentication failure too: that is a configuration mismatch.
+    if reason.contains("not supported by broker") || reason.contains("Unsupported SASL mechanism") {
+        let key = if security.sasl_mechanism.is_some() {
+            "kafka.security.sasl_mechanism"
+        } else {
+            "kafka.properties.sasl.mechanism"
+        };
+        return BrokerError::Config {
+            key: key.into(),
+            reason: format!("Kafka at {brokers} does not accept this SASL configuration: {reason}"),
+        };
+    }
     match classify(code, brokers, security) {
         Some(BrokerError::Unauthorized(m)) => BrokerError::Unauthorized(format!("{m}: {reason}")),
         Some(BrokerError::Config { key, reason: r }) => BrokerError::Config { key, reason: format!("{r}: {reason}") },

@@ -330,8 +330,11 @@ impl NatsSecurity {
             }
         }
         if let Some(path) = &self.credentials_file {
-            let creds = Secret::from_file(path).map_err(|reason| config_error("credentials_file", reason))?;
-            return Ok(Files::Credentials(creds));
+            // Read as is: the parser needs the line break after the last marker.
+            let creds = std::fs::read_to_string(path).map_err(|e| {
+                config_error("credentials_file", format!("cannot read {}: {e}", path.display()))
+            })?;
+            return Ok(Files::Credentials(Secret::new(creds)));
         }
         Ok(Files::None)
     }
