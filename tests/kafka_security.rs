@@ -89,8 +89,7 @@ struct Mock {
 
 impl Mock {
     fn new() -> Mock {
-        let owner: BaseProducer =
-            ClientConfig::new().set("test.mock.num.brokers", "1").create().expect("mock cluster");
+        let owner: BaseProducer = ClientConfig::new().set("test.mock.num.brokers", "1").create().expect("mock cluster");
         let servers = owner.client().mock_cluster().expect("mock cluster").bootstrap_servers();
         Mock { _owner: owner, servers }
     }
@@ -337,15 +336,38 @@ async fn untrusted_broker_certificate_fails_typed() {
         openssl(
             &dir,
             &[
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-                "-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem"), "-subj", "/CN=127.0.0.1",
-                "-addext", "subjectAltName=IP:127.0.0.1",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
             ],
         );
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = Command::new("openssl")
-        .args(["s_server", "-quiet", "-accept", &format!("127.0.0.1:{port}"), "-cert", "rogue.pem", "-key", "rogue.key"])
+        .args([
+            "s_server",
+            "-quiet",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+            "rogue.pem",
+            "-key",
+            "rogue.key",
+        ])
         .current_dir(&dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

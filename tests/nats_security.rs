@@ -128,9 +128,25 @@ impl Pki {
     /// A CA `name`.pem/.key.
     fn ca(&self, name: &str) {
         self.openssl(&[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem"), "-subj", &format!("/CN={name}"),
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ]);
     }
 
@@ -138,12 +154,35 @@ impl Pki {
     fn leaf(&self, name: &str, ca: &str, ext: &str) {
         std::fs::write(self.path(&format!("{name}.ext")), ext).unwrap();
         self.openssl(&[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-            &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={name}"),
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
         ]);
         self.openssl(&[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"), "-CAkey", &format!("{ca}.key"),
-            "-CAcreateserial", "-days", "2", "-out", &format!("{name}.pem"), "-extfile", &format!("{name}.ext"),
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.pem"),
+            "-extfile",
+            &format!("{name}.ext"),
         ]);
     }
 
@@ -396,11 +435,8 @@ async fn user_password_round_trip_and_wrong_password() {
     let wrong = secret("badpw");
     let server =
         Server::start(&format!("authorization {{ users = [ {{ user: \"svc\", password: {password:?} }} ] }}")).await;
-    let user = |p: &str| NatsSecurity {
-        user: Some("svc".into()),
-        password: Some(Secret::new(p)),
-        ..NatsSecurity::default()
-    };
+    let user =
+        |p: &str| NatsSecurity { user: Some("svc".into()), password: Some(Secret::new(p)), ..NatsSecurity::default() };
     let mut texts = round_trip(config(server.url("nats"), user(&password)), "user/password").await;
     texts.extend(fails_fast(config(server.url("nats"), user(&wrong)), unauthorized, "wrong password").await);
     let in_url = format!("nats://svc:{password}@127.0.0.1:{}", server.port);
@@ -515,7 +551,8 @@ async fn credentials_round_trip_and_wrong_credentials() {
     .await;
     let creds = |f: &str| NatsSecurity { credentials_file: Some(dir.join(f)), ..NatsSecurity::default() };
     let mut texts = round_trip(config(server.url("nats"), creds("user.creds")), "credentials").await;
-    texts.extend(fails_fast(config(server.url("nats"), creds("stranger.creds")), unauthorized, "unknown account").await);
+    texts
+        .extend(fails_fast(config(server.url("nats"), creds("stranger.creds")), unauthorized, "unknown account").await);
     let key = config_key("nats.security.credentials_file");
     texts.extend(fails_fast(config(server.url("nats"), creds("absent.creds")), &key, "missing creds").await);
     texts.extend(fails_fast(config(server.url("nats"), creds("garbage.creds")), &key, "not a creds file").await);

@@ -795,8 +795,11 @@ impl KafkaBroker {
         // The producer connects at once (the admin client only on demand, and
         // reports no errors): its TLS/SASL failures fail `connect`.
         let failures = kafka_security::SecurityFailures::default();
-        let context =
-            LogContext { connection: Some(connection.clone()), security: failures.clone(), ..LogContext::new("producer") };
+        let context = LogContext {
+            connection: Some(connection.clone()),
+            security: failures.clone(),
+            ..LogContext::new("producer")
+        };
         let producer: FutureProducer<LogContext> =
             props.client_config().create_with_context(context).map_err(|e| props.error(e))?;
         let props = config.admin_props();

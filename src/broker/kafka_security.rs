@@ -160,7 +160,9 @@ impl KafkaSecurity {
             self.tls = match v.to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => true,
                 "0" | "false" | "no" | "off" => false,
-                _ => return Err(config_error("tls", format!("EVENTBUS_KAFKA_TLS={v:?} is not a boolean (true/false)"))),
+                _ => {
+                    return Err(config_error("tls", format!("EVENTBUS_KAFKA_TLS={v:?} is not a boolean (true/false)")))
+                }
             };
         }
         if let Some(v) = get("EVENTBUS_KAFKA_TLS_CA_FILE") {
@@ -303,7 +305,8 @@ impl KafkaSecurity {
                 }
             }
         }
-        for (field, path) in [("ca_file", &security.ca_file), ("cert_file", &security.cert_file), ("key_file", &security.key_file)]
+        for (field, path) in
+            [("ca_file", &security.ca_file), ("cert_file", &security.cert_file), ("key_file", &security.key_file)]
         {
             if let Some(path) = path {
                 if let Err(e) = std::fs::File::open(path) {
@@ -375,7 +378,11 @@ impl SecurityFailures {
         }
         if matches!(
             code,
-            C::SSL | C::Authentication | C::SaslAuthenticationFailed | C::UnsupportedSASLMechanism | C::IllegalSASLState
+            C::SSL
+                | C::Authentication
+                | C::SaslAuthenticationFailed
+                | C::UnsupportedSASLMechanism
+                | C::IllegalSASLState
         ) {
             self.first.send_if_modified(|first| {
                 let new = first.is_none();
@@ -555,7 +562,8 @@ mod tests {
         let d = KafkaSecurity::default;
         assert_eq!(key(KafkaSecurity { ca_file: Some("/ca".into()), ..d() }), "kafka.security.ca_file");
         assert_eq!(key(KafkaSecurity { tls: true, cert_file: Some("/c".into()), ..d() }), "kafka.security.key_file");
-        let no_user = KafkaSecurity { sasl_mechanism: Some(SaslMechanism::Plain), password: Some(Secret::new("p")), ..d() };
+        let no_user =
+            KafkaSecurity { sasl_mechanism: Some(SaslMechanism::Plain), password: Some(Secret::new("p")), ..d() };
         assert_eq!(key(no_user), "kafka.security.username");
         let no_mech = KafkaSecurity { username: Some("u".into()), password: Some(Secret::new("p")), ..d() };
         assert_eq!(key(no_mech), "kafka.security.sasl_mechanism");

@@ -63,11 +63,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::nats_security::NatsSecurity;
 use super::{
     Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
     TopicPartition,
 };
-use super::nats_security::NatsSecurity;
 use crate::envelope::{extract_aggregate_id, Envelope, HEADER_AGGREGATE_ID};
 
 /// Header carrying [`Outbound::key`] when it is single-line UTF-8 text.

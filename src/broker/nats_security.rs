@@ -134,10 +134,7 @@ impl NatsSecurity {
     /// authentication variable replaces the configured method (a token in
     /// the environment wins over a password in the file); an empty variable
     /// counts as unset.
-    pub fn with_overrides_from(
-        mut self,
-        lookup: impl Fn(&str) -> Option<String>,
-    ) -> Result<NatsSecurity, BrokerError> {
+    pub fn with_overrides_from(mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<NatsSecurity, BrokerError> {
         let get = |var: &str| lookup(var).filter(|v| !v.is_empty());
         let clear_auth = |s: &mut NatsSecurity| {
             s.token = None;
@@ -289,9 +286,9 @@ impl NatsSecurity {
         };
         if let Some(ca) = &self.ca_file {
             let pem = read("ca_file", ca)?;
-            let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|e| {
-                config_error("ca_file", format!("{} is not a PEM certificate file: {e}", ca.display()))
-            })?;
+            let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| config_error("ca_file", format!("{} is not a PEM certificate file: {e}", ca.display())))?;
             if certs.is_empty() {
                 return Err(config_error("ca_file", format!("{} holds no PEM certificate", ca.display())));
             }
@@ -306,9 +303,8 @@ impl NatsSecurity {
             }
             let pem = read("key_file", key)?;
             // The parser's message could quote the file: not passed on.
-            PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
-                config_error("key_file", format!("{} holds no PEM private key", key.display()))
-            })?;
+            PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|_| config_error("key_file", format!("{} holds no PEM private key", key.display())))?;
         }
         if let Some(path) = &self.nkey_seed_file {
             let seed = Secret::from_file(path).map_err(|reason| config_error("nkey_seed_file", reason))?;
@@ -331,9 +327,8 @@ impl NatsSecurity {
         }
         if let Some(path) = &self.credentials_file {
             // Read as is: the parser needs the line break after the last marker.
-            let creds = std::fs::read_to_string(path).map_err(|e| {
-                config_error("credentials_file", format!("cannot read {}: {e}", path.display()))
-            })?;
+            let creds = std::fs::read_to_string(path)
+                .map_err(|e| config_error("credentials_file", format!("cannot read {}: {e}", path.display())))?;
             return Ok(Files::Credentials(Secret::new(creds)));
         }
         Ok(Files::None)
@@ -403,7 +398,9 @@ fn tls_failure(at: &str, tls: &async_nats::rustls::Error) -> BrokerError {
     match tls {
         E::InvalidCertificate(why) => config_error(
             "ca_file",
-            format!("{at}: the server's TLS certificate is not trusted ({why:?}); set ca_file to the CA that signed it"),
+            format!(
+                "{at}: the server's TLS certificate is not trusted ({why:?}); set ca_file to the CA that signed it"
+            ),
         ),
         E::AlertReceived(alert) => config_error(
             "cert_file",
@@ -530,7 +527,10 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact_url("nats://u:p@h:4222,tls://tok@h2:4222/x,h3:4222"), "nats://***@h:4222,tls://***@h2:4222/x,h3:4222");
+        assert_eq!(
+            redact_url("nats://u:p@h:4222,tls://tok@h2:4222/x,h3:4222"),
+            "nats://***@h:4222,tls://***@h2:4222/x,h3:4222"
+        );
         assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
         let config = NatsConfig { url: "nats://svc:hunter2@h:4222".into(), ..NatsConfig::default() };
         for text in [format!("{config:?}"), format!("{config:#?}"), config.to_string()] {
