@@ -73,6 +73,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::assignments::{Assignments, Epoch};
+use super::kafka_security::{self, KafkaSecurity};
 
 use super::{
     Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
@@ -189,7 +190,8 @@ impl Partitioner {
 /// files. Each typed field maps onto one librdkafka property (see
 /// `docs/kafka.md`); anything else (TLS, SASL, tuning) goes through
 /// [`KafkaConfig::properties`].
-#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+// `Debug` (secrets redacted) and `Display` are in `kafka_security`.
+#[derive(Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, `host:port`, comma-separated (`bootstrap.servers`).
@@ -262,6 +264,8 @@ pub struct KafkaConfig {
     pub producer_properties: BTreeMap<String, String>,
     /// librdkafka properties of the group consumers only.
     pub consumer_properties: BTreeMap<String, String>,
+    /// TLS and SASL (`[kafka.security]`, see `docs/security.md`).
+    pub security: KafkaSecurity,
 }
 
 impl Default for KafkaConfig {
@@ -291,6 +295,7 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
+            security: KafkaSecurity::default(),
         }
     }
 }
@@ -383,6 +388,7 @@ impl KafkaConfig {
         if self.max_payload_bytes == 0 {
             return Err(config_error("max_payload_bytes", "must be at least 1"));
         }
+        self.security.validate()?;
         if self.replication_factor == 0 || self.replication_factor < -1 {
             return Err(config_error("replication_factor", "must be positive, or -1 for the broker's default"));
         }
@@ -404,6 +410,9 @@ impl KafkaConfig {
         let mut p = Props::default();
         p.set("bootstrap.servers", self.brokers.trim(), "kafka.brokers");
         p.set("client.id", &self.client_id, "kafka.client_id");
+        for (property, value, key) in self.security.properties() {
+            p.set(property, value, key);
+        }
         p
     }
 
@@ -519,6 +528,7 @@ impl Props {
                     .iter()
                     .find(|(p, _, _)| *p == property)
                     .map_or_else(|| format!("kafka.properties.{property}"), |(_, _, k)| k.clone());
+                let value = kafka_security::shown(&property, &value);
                 BrokerError::Config { key, reason: format!("{description} ({property}={value:?})") }
             }
             KafkaError::ClientCreation(message) => BrokerError::Config { key: self.key_of(&message), reason: message },
@@ -757,11 +767,12 @@ impl ConnectionTracker {
 pub struct LogContext {
     role: &'static str,
     connection: Option<Arc<ConnectionTracker>>,
+    security: kafka_security::SecurityFailures,
 }
 
 impl LogContext {
     fn new(role: &'static str) -> LogContext {
-        LogContext { role, connection: None }
+        LogContext { role, connection: None, security: Default::default() }
     }
 
     fn set_reachable(&self, reachable: bool) {
@@ -778,6 +789,7 @@ impl ClientContext for LogContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(client = self.role, %error, "kafka client error: {reason}");
+        self.security.observe(&error, reason);
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.set_reachable(false);
         }
@@ -882,14 +894,24 @@ impl KafkaBroker {
     /// own. See [`KafkaBroker::connect`].
     pub fn new(config: KafkaConfig) -> Result<KafkaBroker, BrokerError> {
         config.validate()?;
+        let config = KafkaSecurity::prepare(config)?;
         let props = config.producer_props();
         let connection = Arc::new(ConnectionTracker::new());
-        let context = LogContext { role: "producer", connection: Some(connection.clone()) };
+        // The producer connects at once (the admin client only on demand, and
+        // reports no errors): its TLS/SASL failures fail `connect`.
+        let failures = kafka_security::SecurityFailures::default();
+        let context = LogContext {
+            connection: Some(connection.clone()),
+            security: failures.clone(),
+            ..LogContext::new("producer")
+        };
         let producer: FutureProducer<LogContext> =
             props.client_config().create_with_context(context).map_err(|e| props.error(e))?;
         let props = config.admin_props();
-        let admin: AdminClient<LogContext> =
-            props.client_config().create_with_context(LogContext::new("admin")).map_err(|e| props.error(e))?;
+        let admin: AdminClient<LogContext> = props
+            .client_config()
+            .create_with_context(LogContext { security: failures, ..LogContext::new("admin") })
+            .map_err(|e| props.error(e))?;
         // librdkafka checks consumer properties (and their combinations) when
         // a consumer is created: do it now, not at the first subscribe.
         // Without a group.id it never joins, so dropping it does not block.
@@ -918,13 +940,21 @@ impl KafkaBroker {
         let inner = broker.inner.clone();
         let brokers = inner.config.brokers.clone();
         let timeout = inner.config.request_timeout;
-        tokio::task::spawn_blocking(move || inner.admin.inner().fetch_metadata(None, timeout).map(|_| ()))
-            .await
-            .map_err(|e| BrokerError::Other(e.to_string()))?
-            .map_err(|e| match metadata_error(&format!("cannot reach Kafka at {brokers}"), e) {
-                BrokerError::Other(m) => BrokerError::Unavailable(m),
-                e => e,
-            })?;
+        let fetch = async {
+            tokio::task::spawn_blocking(move || inner.admin.inner().fetch_metadata(None, timeout).map(|_| ()))
+                .await
+                .map_err(|e| BrokerError::Other(e.to_string()))?
+                .map_err(|e| match broker.inner.config.security.connect_error(&brokers, &e) {
+                    Some(typed) => typed,
+                    None => match metadata_error(&format!("cannot reach Kafka at {brokers}"), e) {
+                        BrokerError::Other(m) => BrokerError::Unavailable(m),
+                        e => e,
+                    },
+                })
+        };
+        // A failed TLS handshake or SASL login fails now, typed, not as a timeout.
+        let failures = broker.inner.admin.inner().context().security.clone();
+        failures.guard(&brokers, &broker.inner.config.security, fetch).await?;
         Ok(broker)
     }
 

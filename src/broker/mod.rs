@@ -4,8 +4,11 @@
 //! production consumer runs unchanged on all of them.
 
 pub mod memory;
+pub mod secret;
 #[cfg(feature = "nats")] pub mod nats;
+#[cfg(feature = "nats")] pub mod nats_security;
 #[cfg(feature = "kafka")] pub mod kafka;
+#[cfg(feature = "kafka")] pub mod kafka_security;
 
 use std::fmt;
 use std::future::Future;

@@ -63,6 +63,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::nats_security::NatsSecurity;
 use super::{
     Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
     TopicPartition,
@@ -155,7 +156,8 @@ pub enum StartFrom {
 
 /// Settings of a [`NatsBroker`]. Durations are whole milliseconds in config
 /// files.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+// `Debug` (credentials in URLs redacted) and `Display` are in `nats_security`.
+#[derive(Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URL(s), comma-separated.
@@ -215,6 +217,8 @@ pub struct NatsConfig {
     /// Longest pause between reconnect attempts.
     #[serde(with = "crate::config::millis")]
     pub max_reconnect_delay: Duration,
+    /// TLS and authentication (`[nats.security]`, see `docs/security.md`).
+    pub security: NatsSecurity,
 }
 
 impl Default for NatsConfig {
@@ -245,6 +249,7 @@ impl Default for NatsConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             max_reconnect_delay: Duration::from_secs(2),
+            security: NatsSecurity::default(),
         }
     }
 }
@@ -285,6 +290,7 @@ impl NatsConfig {
         if self.url.trim().is_empty() {
             return Err(config_error("url", "must not be empty"));
         }
+        self.security.validate(&self.url)?;
         if self.ack_wait < Duration::from_millis(100) {
             return Err(config_error("ack_wait", "must be at least 100 ms"));
         }
@@ -703,9 +709,10 @@ impl NatsBroker {
                     }
                 }
             });
+        let options = config.security.apply(options, &url).await?;
         let client = match tokio::time::timeout(config.connect_timeout, options.connect(url.as_str())).await {
             Ok(Ok(client)) => client,
-            Ok(Err(e)) => return Err(BrokerError::Unavailable(format!("cannot connect to NATS at {url}: {e}"))),
+            Ok(Err(e)) => return Err(config.security.connect_error(&url, &e)),
             Err(_) => {
                 return Err(BrokerError::Unavailable(format!(
                     "cannot connect to NATS at {url}: no answer within {:?}",
