@@ -26,7 +26,7 @@ use eventbus::Envelope;
 use tokio::time::Instant;
 use turmoil::net::{TcpListener, TcpStream};
 
-use crate::history::{DlqInfo, Event, EventId, History};
+use crate::history::{DlqInfo, Event, EventId, History, REFUSED_DEAD_LETTER_RECORD};
 use crate::proto::{
     read_frame, write_frame, ErrorKind, Request, RequestFrame, Response, ResponseFrame, WireEvent, WireMessage, WireTp,
 };
@@ -236,6 +236,9 @@ impl Broker {
         producer: Option<(u64, u64)>,
     ) -> Response {
         if self.disk.lock().refuse_dead_letters && header(&headers, DLQ_ORIGIN_TOPIC).is_some() {
+            let origin = header(&headers, DLQ_ORIGIN_OFFSET).unwrap_or("?");
+            self.history
+                .record(Event::Fault(format!("{REFUSED_DEAD_LETTER_RECORD} to {topic} (origin offset {origin})")));
             return Response::Error {
                 kind: ErrorKind::Other,
                 message: format!("not authorized to write to {topic} (simulated refusal)"),

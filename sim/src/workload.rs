@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::adapter::{ClientConfig, SimBroker};
 use crate::broker::SharedDisk;
-use crate::history::{Event, EventId, HandlerEnd, History};
+use crate::history::{Event, EventId, HandlerEnd, History, PANIC_RECORD};
 use crate::scenario::{mix, Behaviour, FailMode, Planned, Scenario};
 
 /// Consumer group of every consumer host.
@@ -171,6 +171,7 @@ impl HandlerCtx {
         };
         let mode = if fail { self.behaviour.fail_mode(&id, attempt) } else { FailMode::Error };
         if fail && mode == FailMode::PanicSync {
+            self.history.record(Event::Fault(format!("{PANIC_RECORD} (synchronous part) {id:?} attempt {attempt}")));
             self.failures.lock().unwrap_or_else(|p| p.into_inner()).insert(id, attempt);
             guard.end(HandlerEnd::Failed);
             std::panic::panic_any(PLANNED_PANIC);
@@ -189,10 +190,12 @@ impl HandlerCtx {
         tokio::time::sleep(self.behaviour.delay(&id, attempt)).await;
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if fail {
+            let panic = (mode == FailMode::PanicAsync).then(|| format!("{PANIC_RECORD} (future) {id:?} attempt {attempt}"));
             failures.insert(id, attempt);
             drop(failures);
             guard.end(HandlerEnd::Failed);
-            if mode == FailMode::PanicAsync {
+            if let Some(text) = panic {
+                self.history.record(Event::Fault(text));
                 std::panic::panic_any(PLANNED_PANIC);
             }
             Err(Box::new(PlannedFailure))
