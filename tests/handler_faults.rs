@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use common::{fast_config, publish_versions, Progress};
+use eventbus::bus::SubscribeError;
 use eventbus::consumer::task_headers as dlq;
 use eventbus::consumer::ConsumerError;
-use eventbus::telemetry as t;
-use eventbus::bus::SubscribeError;
 use eventbus::pool::HandlerResult;
+use eventbus::telemetry as t;
 use eventbus::{Broker, BrokerError, BusConfig, Envelope, EventBus, MemoryBroker, TopicPartition};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -113,7 +113,10 @@ impl Values {
     }
 
     fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0.get_gauge_handles().get(&Self::key(name, labels)).map_or(0.0, |g| f64::from_bits(g.load(Ordering::SeqCst)))
+        self.0
+            .get_gauge_handles()
+            .get(&Self::key(name, labels))
+            .map_or(0.0, |g| f64::from_bits(g.load(Ordering::SeqCst)))
     }
 }
 
@@ -151,7 +154,8 @@ async fn handler_panics_sync_or_async_are_retried_then_dead_lettered_in_order() 
         bus.subscribe_envelope("orders", move |env: Envelope| -> BoxFuture<'static, HandlerResult> {
             let (agg, v) = (env.aggregate_id.clone(), env.event_version);
             // The aggregate's v3 starts only once v2's dead letter is stored.
-            let dead = broker.read_topic("orders.dlq").iter().filter(|d| d.key.as_deref() == Some(agg.as_bytes())).count();
+            let dead =
+                broker.read_topic("orders.dlq").iter().filter(|d| d.key.as_deref() == Some(agg.as_bytes())).count();
             log.push(&agg, v, if dead > 0 { "start-after-dlq" } else { "start" });
             if agg == "agg-0" && v == 2 {
                 log.push(&agg, v, "sync-panic");
@@ -252,7 +256,8 @@ async fn subscribing_creates_dead_letter_topics_or_fails_typed() {
     bus.subscribe_envelope("refunds", |_e: Envelope| async { Ok(()) }).await.unwrap();
     let err = bus.start().await.unwrap_err();
     assert!(
-        matches!(&err, SubscribeError::Consumer(ConsumerError::DeadLetterTopic { dead_letter, .. }) if dead_letter == "refunds.dlq"),
+        matches!(&err, SubscribeError::Consumer(ConsumerError::DeadLetterTopic { dead_letter, .. })
+            if dead_letter == "refunds.dlq"),
         "{err:?}"
     );
     assert_eq!(broker.members("dlq-refused"), 0, "nothing joined the group");

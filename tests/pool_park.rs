@@ -20,7 +20,13 @@ fn config(concurrency: usize, capacity: usize) -> PoolConfig {
 }
 
 /// A task of `key` that parks once for `wait`, then logs `label` and ends.
-fn parking_task(key: Option<Key>, wait: Duration, label: String, log: Arc<Mutex<Vec<String>>>, replies: Arc<Mutex<Vec<String>>>) -> Task {
+fn parking_task(
+    key: Option<Key>,
+    wait: Duration,
+    label: String,
+    log: Arc<Mutex<Vec<String>>>,
+    replies: Arc<Mutex<Vec<String>>>,
+) -> Task {
     let work = async move {
         let until = tokio::time::Instant::now() + wait;
         let then = async move {
@@ -60,13 +66,23 @@ async fn parked_tasks_hold_their_key_not_a_worker() {
     let replies = Arc::new(Mutex::new(Vec::new()));
     let began = tokio::time::Instant::now();
     for k in 0..8 {
-        let t = parking_task(key(format!("slow-{k}")), Duration::from_secs(3600), format!("slow-{k}/1"), log.clone(), replies.clone());
+        let t = parking_task(
+            key(format!("slow-{k}")),
+            Duration::from_secs(3600),
+            format!("slow-{k}/1"),
+            log.clone(),
+            replies.clone(),
+        );
         pool.submit(t).await.unwrap();
         let log2 = log.clone();
-        let second = Task::new(key(format!("slow-{k}")), async move {
-            log2.lock().unwrap().push(format!("slow-{k}/2"));
-            Ok(())
-        }, |_| {});
+        let second = Task::new(
+            key(format!("slow-{k}")),
+            async move {
+                log2.lock().unwrap().push(format!("slow-{k}/2"));
+                Ok(())
+            },
+            |_| {},
+        );
         pool.submit(second).await.unwrap();
     }
     let others = Arc::new(AtomicUsize::new(0));
@@ -74,14 +90,18 @@ async fn parked_tasks_hold_their_key_not_a_worker() {
     let tx = Arc::new(Mutex::new(Some(tx)));
     for i in 0..200 {
         let (others, tx) = (others.clone(), tx.clone());
-        let t = Task::new(key(format!("fast-{i}")), async move {
-            if others.fetch_add(1, SeqCst) + 1 == 200 {
-                if let Some(tx) = tx.lock().unwrap().take() {
-                    let _ = tx.send(tokio::time::Instant::now());
+        let t = Task::new(
+            key(format!("fast-{i}")),
+            async move {
+                if others.fetch_add(1, SeqCst) + 1 == 200 {
+                    if let Some(tx) = tx.lock().unwrap().take() {
+                        let _ = tx.send(tokio::time::Instant::now());
+                    }
                 }
-            }
-            Ok(())
-        }, |_| {});
+                Ok(())
+            },
+            |_| {},
+        );
         pool.submit(t).await.unwrap();
     }
     let done_at = rx.await.unwrap();
@@ -112,7 +132,13 @@ async fn close_with_deadline_hands_back_parked_tasks() {
     let log = Arc::new(Mutex::new(Vec::new()));
     let replies = Arc::new(Mutex::new(Vec::new()));
     for k in 0..5 {
-        let t = parking_task(key(format!("k{k}")), Duration::from_secs(3600), format!("k{k}"), log.clone(), replies.clone());
+        let t = parking_task(
+            key(format!("k{k}")),
+            Duration::from_secs(3600),
+            format!("k{k}"),
+            log.clone(),
+            replies.clone(),
+        );
         pool.submit(t).await.unwrap();
     }
     // One more behind k0: queued, handed back too.

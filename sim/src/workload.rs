@@ -190,7 +190,8 @@ impl HandlerCtx {
         tokio::time::sleep(self.behaviour.delay(&id, attempt)).await;
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if fail {
-            let panic = (mode == FailMode::PanicAsync).then(|| format!("{PANIC_RECORD} (future) {id:?} attempt {attempt}"));
+            let panic =
+                (mode == FailMode::PanicAsync).then(|| format!("{PANIC_RECORD} (future) {id:?} attempt {attempt}"));
             failures.insert(id, attempt);
             drop(failures);
             guard.end(HandlerEnd::Failed);

@@ -405,21 +405,7 @@ impl<B: Broker> Consumer<B> {
                 Some(c) = done.recv() => self.on_completion(c),
                 cmd = control.recv() => match cmd {
                     Some(Control::AddTopic(topic, handler, reply)) => {
-                        let result = match ensure_dead_letter_topics(&*self.broker, &self.config, std::slice::from_ref(&topic)).await {
-                            Err(e) => Err(e),
-                            Ok(()) => {
-                                self.handlers.insert(topic.clone(), handler);
-                                let topics: Vec<String> = self.handlers.keys().cloned().collect();
-                                match session.set_topics(&topics).await {
-                                    Ok(()) => Ok(()),
-                                    Err(e) => {
-                                        self.handlers.remove(&topic);
-                                        Err(ConsumerError::Subscribe(e))
-                                    }
-                                }
-                            }
-                        };
-                        let _ = reply.send(result);
+                        let _ = reply.send(self.add_topic(session, topic, handler).await);
                     }
                     Some(Control::Shutdown(deadline)) => return Exit::Shutdown(deadline),
                     None => return Exit::Shutdown(None),
@@ -479,6 +465,23 @@ impl<B: Broker> Consumer<B> {
         }
     }
 
+    /// Creates the dead-letter topic of `topic`, then adds it to the session.
+    async fn add_topic(
+        &mut self,
+        session: &mut B::Session,
+        topic: String,
+        handler: Handler,
+    ) -> Result<(), ConsumerError> {
+        ensure_dead_letter_topics(&*self.broker, &self.config, std::slice::from_ref(&topic)).await?;
+        self.handlers.insert(topic.clone(), handler);
+        let topics: Vec<String> = self.handlers.keys().cloned().collect();
+        if let Err(e) = session.set_topics(&topics).await {
+            self.handlers.remove(&topic);
+            return Err(ConsumerError::Subscribe(e));
+        }
+        Ok(())
+    }
+
     /// Joins the group again after a fatal session error, with capped
     /// backoff, while completions and control messages are still served.
     /// `Err(deadline)` when shut down meanwhile.
@@ -502,7 +505,8 @@ impl<B: Broker> Consumer<B> {
                     ConsumerStats::bump(&self.stats.session_errors);
                     self.metrics.session_error(e.kind()).increment(1);
                     let wait = backoff.next();
-                    tracing::error!(error = %e, class = ?e.class(), retry_in = ?wait, "rejoining the consumer group failed");
+                    tracing::error!(error = %e, class = ?e.class(), retry_in = ?wait,
+                        "rejoining the consumer group failed");
                     let until = tokio::time::Instant::now() + wait;
                     loop {
                         tokio::select! {
@@ -510,7 +514,8 @@ impl<B: Broker> Consumer<B> {
                             Some(c) = done.recv() => self.on_completion(c),
                             cmd = control.recv() => match cmd {
                                 Some(Control::AddTopic(topic, handler, reply)) => {
-                                    let result = ensure_dead_letter_topics(&*self.broker, &self.config, std::slice::from_ref(&topic)).await;
+                                    let topics = std::slice::from_ref(&topic);
+                                    let result = ensure_dead_letter_topics(&*self.broker, &self.config, topics).await;
                                     if result.is_ok() {
                                         // The next join subscribes it.
                                         self.handlers.insert(topic, handler);

@@ -72,7 +72,8 @@ pub(super) fn build<B: Broker>(
             let span = handle_span(&delivery, None, None);
             let run = {
                 let delivery = delivery.clone();
-                Box::new(move || h(delivery.clone())) as Box<dyn Fn() -> BoxFuture<'static, HandlerResult> + Send + Sync>
+                Box::new(move || h(delivery.clone()))
+                    as Box<dyn Fn() -> BoxFuture<'static, HandlerResult> + Send + Sync>
             };
             let job = Arc::new(Attempts { ctx, delivery, run, started: Instant::now() });
             Task::stepped(None, attempt(job, 1, span), reply)
@@ -199,7 +200,8 @@ fn attempt<B: Broker>(job: Arc<Attempts<B>>, attempt: u32, span: tracing::Span) 
             Err(e) => {
                 ctx.metrics.failed.increment(1);
                 let error = e.to_string();
-                tracing::debug!(topic = %delivery.topic, offset = delivery.offset, attempt, error = %error, "handler failed");
+                tracing::debug!(topic = %delivery.topic, offset = delivery.offset, attempt, error = %error,
+                    "handler failed");
                 if attempt < attempts {
                     ConsumerStats::bump(&ctx.stats.retried);
                     ctx.metrics.retried.increment(1);
@@ -292,7 +294,8 @@ impl<B: Broker> DeadLetter<B> {
         async move {
             loop {
                 if self.ctx.fenced() {
-                    tracing::debug!(topic = %self.topic, offset = self.offset, "dead letter abandoned: partition revoked");
+                    tracing::debug!(topic = %self.topic, offset = self.offset,
+                        "dead letter abandoned: partition revoked");
                     return Step::Done(Err(Box::new(Fenced)));
                 }
                 self.tries += 1;
@@ -316,7 +319,8 @@ impl<B: Broker> DeadLetter<B> {
                 // position the headers name, so a dead letter without it
                 // loses nothing. Only this refusal drops the payload.
                 if matches!(e, BrokerError::Refused(_)) && !self.msg.payload.is_empty() {
-                    tracing::warn!(error = %e, topic = %self.msg.topic, "dead letter refused; retrying without the payload");
+                    tracing::warn!(error = %e, topic = %self.msg.topic,
+                        "dead letter refused; retrying without the payload");
                     self.msg.payload.clear();
                     self.msg.headers.push((DLQ_PAYLOAD_OMITTED.to_string(), e.to_string().into_bytes()));
                     continue;
