@@ -283,6 +283,7 @@ impl<B: Broker> EventBusBuilder<B> {
             pool,
             config: self.config,
             consumer: Mutex::new(ConsumerState::Registered(handlers)),
+            consumer_stats: std::sync::Mutex::new(None),
             obs,
             callbacks,
             stop,
@@ -299,6 +300,9 @@ pub struct EventBus<B: Broker> {
     pool: Pool,
     config: BusConfig,
     consumer: Mutex<ConsumerState>,
+    /// The running consumer's counters, readable without the async lock
+    /// (`health()` is synchronous).
+    consumer_stats: std::sync::Mutex<Option<Arc<ConsumerStats>>>,
     obs: Arc<Observed>,
     callbacks: Arc<Callbacks>,
     /// Tells the observer and health tasks to stop; dropping it does too.
@@ -474,6 +478,7 @@ impl<B: Broker> EventBus<B> {
         let handlers = std::mem::take(handlers);
         let handle =
             consumer::start(self.broker.clone(), self.pool.clone(), self.config.consumer.clone(), handlers).await?;
+        *self.consumer_stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.stats().clone());
         *state = ConsumerState::Running(handle);
         let health = &self.config.observability.health;
         if health.monitor {
@@ -496,9 +501,16 @@ impl<B: Broker> EventBus<B> {
     pub fn health(&self) -> HealthReport {
         let stats = self.pool.stats();
         let closed = self.obs.is_closed();
+        let consumer = self.consumer_stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let dead_letters_stuck =
+            consumer.as_ref().map_or(0, |c| c.dead_letters_stuck.load(std::sync::atomic::Ordering::Acquire));
+        let consumer_session_down =
+            consumer.as_ref().is_some_and(|c| c.session_down.load(std::sync::atomic::Ordering::Acquire));
         let st = self.obs.lock();
         HealthReport {
-            ready: HealthReport::ready_from(closed, st.connection),
+            ready: HealthReport::ready_from(closed, st.connection) && dead_letters_stuck == 0 && !consumer_session_down,
+            dead_letters_stuck,
+            consumer_session_down,
             connection: st.connection,
             closed,
             reconnects: self.obs.reconnects(),

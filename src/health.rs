@@ -160,12 +160,18 @@ pub struct HealthReport {
     pub health_monitor: Option<MonitorStatus>,
     /// `None` when the publisher is off.
     pub health_publisher: Option<PublisherStatus>,
+    /// Events whose dead letter the broker does not take yet; each holds its
+    /// aggregate and its partition's commit. Not ready while any is stuck.
+    pub dead_letters_stuck: u64,
+    /// The consumer's group session failed and is being rebuilt: not ready.
+    pub consumer_session_down: bool,
 }
 
 impl HealthReport {
-    /// For a readiness probe: the bus is open and its broker reachable.
-    /// Backlog and health alerts are not part of it: taking a lagging or
-    /// unmonitored instance out of rotation does not help it catch up.
+    /// For a readiness probe: the bus is open, its broker reachable, its
+    /// consumer session up and no dead letter stuck. Backlog and health
+    /// alerts are not part of it: taking a lagging or unmonitored instance
+    /// out of rotation does not help it catch up.
     pub fn ready(&self) -> bool {
         self.ready
     }

@@ -27,6 +27,15 @@ pub const FAILED: &str = "eventbus_handler_failed_total";
 pub const RETRIED: &str = "eventbus_retried_total";
 /// Counter: events sent to the dead-letter topic (`topic` = origin, `reason`).
 pub const DEAD_LETTERED: &str = "eventbus_dead_lettered_total";
+/// Gauge: events whose dead letter the broker does not take yet; each holds
+/// its aggregate and its partition's commit until the write goes through (`topic`).
+pub const DEAD_LETTER_STUCK: &str = "eventbus_dead_letter_stuck";
+/// Counter: dead-letter writes that failed (`topic` = origin, `error` = kind).
+pub const DEAD_LETTER_FAILED: &str = "eventbus_dead_letter_failed_total";
+/// Counter: errors of the consumer's group session (`error` = kind).
+pub const SESSION_ERRORS: &str = "eventbus_session_errors_total";
+/// Counter: consumer group sessions rebuilt after a fatal session error.
+pub const SESSION_REBUILDS: &str = "eventbus_session_rebuilds_total";
 /// Counter: broker redeliveries of offsets already dispatched (`topic`).
 pub const DUPLICATES: &str = "eventbus_duplicates_total";
 /// Histogram, seconds: handler latency per event, retries included (`topic`).
@@ -65,6 +74,10 @@ pub fn describe() {
     describe_counter!(FAILED, Unit::Count, "Handler attempts that failed");
     describe_counter!(RETRIED, Unit::Count, "Handler attempts repeated after a failure");
     describe_counter!(DEAD_LETTERED, Unit::Count, "Events sent to the dead-letter topic, by reason");
+    describe_gauge!(DEAD_LETTER_STUCK, Unit::Count, "Events whose dead letter the broker does not take yet");
+    describe_counter!(DEAD_LETTER_FAILED, Unit::Count, "Dead-letter writes that failed, by error kind");
+    describe_counter!(SESSION_ERRORS, Unit::Count, "Errors of the consumer group session, by error kind");
+    describe_counter!(SESSION_REBUILDS, Unit::Count, "Consumer group sessions rebuilt after a fatal error");
     describe_counter!(DUPLICATES, Unit::Count, "Broker redeliveries of offsets already dispatched");
     describe_histogram!(HANDLE_SECONDS, Unit::Seconds, "Handler latency per event, retries included");
     describe_gauge!(POOL_QUEUED, Unit::Count, "Tasks waiting in the global pool");
@@ -160,6 +173,8 @@ pub(crate) struct TopicMetrics {
     pub dead_lettered_decode: Counter,
     pub duplicates: Counter,
     pub handle_seconds: Histogram,
+    pub dead_letter_stuck: Gauge,
+    topic: String,
 }
 
 impl TopicMetrics {
@@ -175,6 +190,8 @@ impl TopicMetrics {
             dead_lettered_decode: dead("decode"),
             duplicates: metrics::counter!(DUPLICATES, &[t()]),
             handle_seconds: metrics::histogram!(HANDLE_SECONDS, &[t()]),
+            dead_letter_stuck: metrics::gauge!(DEAD_LETTER_STUCK, &[t()]),
+            topic: topic.to_string(),
         }
     }
 
@@ -184,6 +201,12 @@ impl TopicMetrics {
         } else {
             &self.dead_lettered_handler
         }
+    }
+
+    /// [`DEAD_LETTER_FAILED`] for one error kind (looked up on the failure
+    /// path only).
+    pub fn dead_letter_failed(&self, kind: &'static str) -> Counter {
+        metrics::counter!(DEAD_LETTER_FAILED, "topic" => self.topic.clone(), "error" => kind)
     }
 
     pub fn observe_handling(&self, took: Duration) {
@@ -201,10 +224,20 @@ pub(crate) fn commit_lag(tp: &TopicPartition) -> Gauge {
 pub(crate) struct ConsumerMetrics {
     pub commit_errors: Counter,
     pub rebalances: Counter,
+    pub session_rebuilds: Counter,
 }
 
 impl ConsumerMetrics {
     pub fn new() -> ConsumerMetrics {
-        ConsumerMetrics { commit_errors: metrics::counter!(COMMIT_ERRORS), rebalances: metrics::counter!(REBALANCES) }
+        ConsumerMetrics {
+            commit_errors: metrics::counter!(COMMIT_ERRORS),
+            rebalances: metrics::counter!(REBALANCES),
+            session_rebuilds: metrics::counter!(SESSION_REBUILDS),
+        }
+    }
+
+    /// [`SESSION_ERRORS`] for one error kind.
+    pub fn session_error(&self, kind: &'static str) -> Counter {
+        metrics::counter!(SESSION_ERRORS, "error" => kind)
     }
 }

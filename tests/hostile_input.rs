@@ -1222,10 +1222,11 @@ impl Broker for SizeLimitedBroker {
                 .map(|(n, v)| n.len() + v.len())
                 .sum::<usize>();
         if size > self.max_bytes {
-            return Err(BrokerError::Config {
-                key: "message.max.bytes".into(),
-                reason: format!("message of {size} bytes is larger than {}", self.max_bytes),
-            });
+            // What the adapters map a too-large message to.
+            return Err(BrokerError::Refused(format!(
+                "message of {size} bytes is larger than message.max.bytes {}",
+                self.max_bytes
+            )));
         }
         self.inner.publish(msg).await
     }

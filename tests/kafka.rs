@@ -108,6 +108,10 @@ fn bus_config(group: &str) -> BusConfig {
     let mut config = common::scenario::bus_config(group);
     config.consumer.commit_interval = Duration::from_millis(50);
     config.consumer.revoke_timeout = Duration::from_secs(5);
+    // The mock cannot create topics (no CreateTopics API), so the consumer
+    // must not create the dead-letter topics at subscribe time here; a
+    // dead letter's first write creates its topic (auto-create).
+    config.consumer.create_dead_letter_topics = false;
     config
 }
 

@@ -26,7 +26,7 @@ use eventbus::Envelope;
 use tokio::time::Instant;
 use turmoil::net::{TcpListener, TcpStream};
 
-use crate::history::{DlqInfo, Event, EventId, History};
+use crate::history::{DlqInfo, Event, EventId, History, REFUSED_DEAD_LETTER_RECORD};
 use crate::proto::{
     read_frame, write_frame, ErrorKind, Request, RequestFrame, Response, ResponseFrame, WireEvent, WireMessage, WireTp,
 };
@@ -68,6 +68,9 @@ pub struct Disk {
     /// Producer id → (last sequence, its partition, its offset).
     producers: BTreeMap<u64, (u64, u32, u64)>,
     round_robin: u64,
+    /// Set by the nemesis: writes carrying a dead-letter origin header are
+    /// refused (an authorisation the operator has not granted yet).
+    pub refuse_dead_letters: bool,
 }
 
 /// The broker's disk, shared with the checker.
@@ -232,6 +235,15 @@ impl Broker {
         payload: Vec<u8>,
         producer: Option<(u64, u64)>,
     ) -> Response {
+        if self.disk.lock().refuse_dead_letters && header(&headers, DLQ_ORIGIN_TOPIC).is_some() {
+            let origin = header(&headers, DLQ_ORIGIN_OFFSET).unwrap_or("?");
+            self.history
+                .record(Event::Fault(format!("{REFUSED_DEAD_LETTER_RECORD} to {topic} (origin offset {origin})")));
+            return Response::Error {
+                kind: ErrorKind::Other,
+                message: format!("not authorized to write to {topic} (simulated refusal)"),
+            };
+        }
         if !self.disk.lock().topics.contains_key(&topic) {
             self.create_topic(&topic, self.settings.default_partitions.max(1));
         }

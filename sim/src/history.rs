@@ -294,7 +294,15 @@ pub struct Counts {
     pub broker_boots: u64,
     pub incarnations: u64,
     pub handed_back: u64,
+    /// Handler attempts that panicked as planned (synchronous part or future).
+    pub panics: u64,
+    /// Dead-letter writes the broker refused (nemesis `RefuseDeadLetters`).
+    pub dead_letters_refused: u64,
 }
+
+/// Prefixes of the `Fault` records that the counts pick up.
+pub const PANIC_RECORD: &str = "planned handler panic";
+pub const REFUSED_DEAD_LETTER_RECORD: &str = "refused dead letter";
 
 impl Counts {
     pub fn of(records: &[Record]) -> Counts {
@@ -320,6 +328,8 @@ impl Counts {
                 Event::BrokerBoot { .. } => c.broker_boots += 1,
                 Event::Started { .. } => c.incarnations += 1,
                 Event::Closed { handed_back, .. } => c.handed_back += *handed_back as u64,
+                Event::Fault(text) if text.starts_with(PANIC_RECORD) => c.panics += 1,
+                Event::Fault(text) if text.starts_with(REFUSED_DEAD_LETTER_RECORD) => c.dead_letters_refused += 1,
                 _ => {}
             }
         }
@@ -341,6 +351,8 @@ impl Counts {
         self.broker_boots += o.broker_boots;
         self.incarnations += o.incarnations;
         self.handed_back += o.handed_back;
+        self.panics += o.panics;
+        self.dead_letters_refused += o.dead_letters_refused;
     }
 }
 

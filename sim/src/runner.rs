@@ -45,6 +45,11 @@ pub struct Builder {
     pub lanes: usize,
     pub max_attempts: u32,
     pub tick: Duration,
+    /// Some failing handler attempts panic (in the handler's synchronous
+    /// part or in its future) instead of returning an error.
+    pub handler_panics: bool,
+    /// The nemesis may make the broker refuse dead letters for a while.
+    pub dead_letter_refusals: bool,
 }
 
 impl Default for Builder {
@@ -68,6 +73,8 @@ impl Default for Builder {
             lanes: 3,
             max_attempts: 3,
             tick: Duration::from_millis(1),
+            handler_panics: true,
+            dead_letter_refusals: true,
         }
     }
 }
@@ -103,6 +110,14 @@ impl Builder {
     }
     pub fn faults(&mut self, on: bool) -> &mut Self {
         self.faults = on;
+        self
+    }
+    pub fn handler_panics(&mut self, on: bool) -> &mut Self {
+        self.handler_panics = on;
+        self
+    }
+    pub fn dead_letter_refusals(&mut self, on: bool) -> &mut Self {
+        self.dead_letter_refusals = on;
         self
     }
     pub fn events(&mut self, n: usize) -> &mut Self {
@@ -293,6 +308,14 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
                     sim.set_max_message_latency(*d);
                     true
                 }
+                Action::RefuseDeadLetters => {
+                    world.disk.lock().refuse_dead_letters = true;
+                    true
+                }
+                Action::AcceptDeadLetters => {
+                    world.disk.lock().refuse_dead_letters = false;
+                    true
+                }
                 _ => false,
             };
             if applied {
@@ -308,6 +331,7 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
             }
             sim.set_fail_rate(0.0);
             sim.set_max_message_latency(scenario.max_latency);
+            world.disk.lock().refuse_dead_letters = false;
             if !broker_up {
                 sim.bounce(broker::BROKER);
                 broker_up = true;

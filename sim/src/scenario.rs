@@ -34,6 +34,17 @@ pub enum Planned {
     Permanent,
 }
 
+/// How a planned failure of one attempt shows itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    /// The handler's future returns an error.
+    Error,
+    /// The handler panics before returning its future (its synchronous part).
+    PanicSync,
+    /// The handler's future panics.
+    PanicAsync,
+}
+
 /// Handler behaviour of a run.
 #[derive(Debug, Clone)]
 pub struct Behaviour {
@@ -42,6 +53,9 @@ pub struct Behaviour {
     pub permanent_rate: f64,
     pub slow_rate: f64,
     pub max_attempts: u32,
+    /// Share of failing attempts that panic instead of returning an error
+    /// (half in the synchronous part, half in the future).
+    pub panic_rate: f64,
 }
 
 impl Behaviour {
@@ -63,6 +77,18 @@ impl Behaviour {
             Planned::Transient(r.gen_range(1..self.max_attempts))
         } else {
             Planned::Succeed
+        }
+    }
+
+    /// How failing attempt `attempt` of `id` fails.
+    pub fn fail_mode(&self, id: &EventId, attempt: u32) -> FailMode {
+        let mut r = self.rng(id, 0x1000 + attempt);
+        if !r.gen_bool(self.panic_rate) {
+            FailMode::Error
+        } else if r.gen_bool(0.5) {
+            FailMode::PanicSync
+        } else {
+            FailMode::PanicAsync
         }
     }
 
@@ -108,6 +134,10 @@ pub enum Action {
     /// Start a crashed or closed consumer again (a new incarnation).
     RestartConsumer(usize),
     SetMaxLatency(Duration),
+    /// The broker refuses every write to a dead-letter topic (until
+    /// [`Action::AcceptDeadLetters`] or the heal).
+    RefuseDeadLetters,
+    AcceptDeadLetters,
 }
 
 impl fmt::Display for Action {
@@ -121,6 +151,8 @@ impl fmt::Display for Action {
             Action::CloseConsumer(i) => write!(f, "close consumer-{i} (bus.close)"),
             Action::RestartConsumer(i) => write!(f, "restart consumer-{i}"),
             Action::SetMaxLatency(d) => write!(f, "max latency {}ms", d.as_millis()),
+            Action::RefuseDeadLetters => write!(f, "broker refuses dead letters"),
+            Action::AcceptDeadLetters => write!(f, "broker accepts dead letters"),
         }
     }
 }
@@ -169,6 +201,13 @@ impl Scenario {
             permanent_rate: rng.gen_range(0.0..=cfg.handler_fail_rate / 4.0),
             slow_rate: rng.gen_range(0.0..=0.2),
             max_attempts: cfg.max_attempts,
+            // Drawn from a hash of its own, so adding it changed no other
+            // draw of existing seeds.
+            panic_rate: if cfg.handler_panics {
+                SmallRng::seed_from_u64(mix(&[b"panics", &seed.to_le_bytes()])).gen_range(0.0..=0.6)
+            } else {
+                0.0
+            },
         };
         let close_timeout = if rng.gen_bool(0.5) { None } else { Some(Duration::from_millis(rng.gen_range(20..=100))) };
 
@@ -240,6 +279,15 @@ impl Scenario {
                         schedule.push((end, Action::SetMaxLatency(max_latency)));
                     }
                 }
+            }
+            // Refused dead letters for a while, drawn from a hash of their own
+            // (the draws above are unchanged for existing seeds).
+            let mut dlq = SmallRng::seed_from_u64(mix(&[b"dlq-refusal", &seed.to_le_bytes()]));
+            if cfg.dead_letter_refusals && dlq.gen_bool(0.3) {
+                let start = dlq.gen_range(50..window.max(51));
+                let end = (start + dlq.gen_range(100..=1500)).min(window).max(start + 1);
+                schedule.push((Duration::from_millis(start), Action::RefuseDeadLetters));
+                schedule.push((Duration::from_millis(end), Action::AcceptDeadLetters));
             }
             // Stable sort: simultaneous actions keep their drawing order.
             schedule.sort_by_key(|(t, _)| *t);

@@ -18,8 +18,8 @@ use tokio::sync::watch;
 
 use crate::adapter::{ClientConfig, SimBroker};
 use crate::broker::SharedDisk;
-use crate::history::{Event, EventId, HandlerEnd, History};
-use crate::scenario::{mix, Behaviour, Planned, Scenario};
+use crate::history::{Event, EventId, HandlerEnd, History, PANIC_RECORD};
+use crate::scenario::{mix, Behaviour, FailMode, Planned, Scenario};
 
 /// Consumer group of every consumer host.
 pub const GROUP: &str = "sim";
@@ -83,6 +83,10 @@ pub fn consumer_bus_config(max_attempts: u32, close_timeout: Option<Duration>) -
                 max_backoff: Duration::from_millis(40),
             },
             dead_letter_suffix: ".dlq".into(),
+            // The simulated broker creates a dead-letter topic on its first
+            // write; creating it at subscribe time is tested on the memory
+            // broker (tests/handler_faults.rs).
+            create_dead_letter_topics: false,
         },
         close_timeout,
         ..BusConfig::default()
@@ -133,24 +137,68 @@ struct HandlerCtx {
     failures: Arc<Mutex<BTreeMap<EventId, u32>>>,
 }
 
+/// Text of the planned panics; the panic hook keeps them out of the output.
+const PLANNED_PANIC: &str = "sim: planned handler panic";
+
+fn quiet_planned_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let planned = info.payload().downcast_ref::<&str>().is_some_and(|s| s.contains(PLANNED_PANIC))
+                || info.payload().downcast_ref::<String>().is_some_and(|s| s.contains(PLANNED_PANIC));
+            if !planned {
+                default(info);
+            }
+        }));
+    });
+}
+
 impl HandlerCtx {
-    async fn handle(self, env: Envelope) -> Result<(), HandlerError> {
+    /// The handler as registered: its synchronous part records the attempt
+    /// and may panic (as planned) before any future exists.
+    fn call(&self, env: Envelope) -> futures::future::BoxFuture<'static, Result<(), HandlerError>> {
+        use futures::FutureExt;
         let id = EventId::new(env.aggregate_id.clone(), env.event_version);
         let failed = self.failures.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied().unwrap_or(0);
         let attempt = failed + 1;
         self.history.record(Event::Begin { inc: self.inc.to_string(), id: id.clone(), attempt });
         let guard = EndGuard { history: self.history.clone(), inc: self.inc.clone(), id: Some(id.clone()) };
-        tokio::time::sleep(self.behaviour.delay(&id, attempt)).await;
         let fail = match self.behaviour.planned(&id) {
             Planned::Succeed => false,
             Planned::Transient(k) => failed < k,
             Planned::Permanent => true,
         };
+        let mode = if fail { self.behaviour.fail_mode(&id, attempt) } else { FailMode::Error };
+        if fail && mode == FailMode::PanicSync {
+            self.history.record(Event::Fault(format!("{PANIC_RECORD} (synchronous part) {id:?} attempt {attempt}")));
+            self.failures.lock().unwrap_or_else(|p| p.into_inner()).insert(id, attempt);
+            guard.end(HandlerEnd::Failed);
+            std::panic::panic_any(PLANNED_PANIC);
+        }
+        self.clone().handle(id, attempt, fail, mode, guard).boxed()
+    }
+
+    async fn handle(
+        self,
+        id: EventId,
+        attempt: u32,
+        fail: bool,
+        mode: FailMode,
+        guard: EndGuard,
+    ) -> Result<(), HandlerError> {
+        tokio::time::sleep(self.behaviour.delay(&id, attempt)).await;
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if fail {
+            let panic =
+                (mode == FailMode::PanicAsync).then(|| format!("{PANIC_RECORD} (future) {id:?} attempt {attempt}"));
             failures.insert(id, attempt);
             drop(failures);
             guard.end(HandlerEnd::Failed);
+            if let Some(text) = panic {
+                self.history.record(Event::Fault(text));
+                std::panic::panic_any(PLANNED_PANIC);
+            }
             Err(Box::new(PlannedFailure))
         } else {
             failures.remove(&id);
@@ -168,6 +216,7 @@ pub async fn consumer_host(world: Arc<World>, i: usize) -> turmoil::Result {
     world.history.record(Event::Started { inc: inc.to_string() });
     let broker = SimBroker::new(world.client.clone(), inc.to_string(), world.history.clone(), None);
     let bus = EventBus::builder(broker).config(world.bus.clone()).build()?;
+    quiet_planned_panics();
     let ctx = HandlerCtx {
         inc: inc.clone(),
         history: world.history.clone(),
@@ -176,7 +225,7 @@ pub async fn consumer_host(world: Arc<World>, i: usize) -> turmoil::Result {
     };
     for topic in &world.topics {
         let ctx = ctx.clone();
-        bus.subscribe_envelope(topic, move |env| ctx.clone().handle(env)).await?;
+        bus.subscribe_envelope(topic, move |env| ctx.call(env)).await?;
     }
     bus.start().await?;
     let mut ctl = world.ctl[i].subscribe();

@@ -34,8 +34,11 @@ fn seed_sweep() {
     );
     let failures: Vec<String> = reports.iter().filter(|r| !r.passed()).map(|r| r.failure_text()).collect();
     assert!(failures.is_empty(), "{} of {n} seeds failed:\n{}", failures.len(), failures.join("\n"));
-    // The faults must bite: replays happened, sessions were lost, events were dead-lettered.
+    // The faults must bite: replays happened, sessions were lost, events were
+    // dead-lettered, handlers panicked, dead letters were refused for a while
+    // (and still landed: the checker finds no lost event).
     assert!(counts.duplicates > 0 && counts.sessions_lost > 0 && counts.dead_lettered > 0, "{counts:?}");
+    assert!(counts.panics > 0 && counts.dead_letters_refused > 0, "{counts:?}");
 }
 
 #[test]

@@ -76,8 +76,25 @@ struct Group {
     rebalances: u64,
 }
 
+/// Failures injected by tests (see [`MemoryBroker::fail_publishes`] and
+/// its siblings).
+#[derive(Default)]
+struct Faults {
+    /// Publishes to these topics fail with the error, while set.
+    publish: BTreeMap<String, BrokerError>,
+    /// `ensure_topic` / `ensure_dead_letter_topic` of these topics fail.
+    ensure: BTreeMap<String, BrokerError>,
+    /// The next `Session::next` calls of any session fail with these, in order.
+    session_next: VecDeque<BrokerError>,
+    /// The next `Session::commit` calls fail with these, in order.
+    commit: VecDeque<BrokerError>,
+    /// The next `Broker::subscribe` calls fail with these, in order.
+    subscribe: VecDeque<BrokerError>,
+}
+
 struct State {
     topics: BTreeMap<String, Vec<Vec<Stored>>>,
+    faults: Faults,
     groups: BTreeMap<String, Group>,
     next_member: MemberId,
     round_robin: u64,
@@ -160,6 +177,7 @@ impl MemoryBroker {
                 config,
                 state: Mutex::new(State {
                     topics: BTreeMap::new(),
+                    faults: Faults::default(),
                     groups: BTreeMap::new(),
                     next_member: 1,
                     round_robin: 0,
@@ -213,6 +231,47 @@ impl MemoryBroker {
     /// with [`BrokerError::Unavailable`]; sessions are not affected.
     pub fn set_connection_state(&self, state: ConnectionState) {
         self.shared.connection.send_replace(state);
+    }
+
+    /// Fault injection for tests: while `error` is `Some`, every publish to
+    /// `topic` fails with it (nothing is stored); `None` clears it.
+    pub fn fail_publishes(&self, topic: &str, error: Option<BrokerError>) {
+        let mut st = self.shared.lock();
+        match error {
+            Some(e) => st.faults.publish.insert(topic.to_string(), e),
+            None => st.faults.publish.remove(topic),
+        };
+    }
+
+    /// Fault injection for tests: while `error` is `Some`, creating `topic`
+    /// (`ensure_topic`, `ensure_dead_letter_topic`) fails with it.
+    pub fn fail_ensure_topic(&self, topic: &str, error: Option<BrokerError>) {
+        let mut st = self.shared.lock();
+        match error {
+            Some(e) => st.faults.ensure.insert(topic.to_string(), e),
+            None => st.faults.ensure.remove(topic),
+        };
+    }
+
+    /// Fault injection for tests: the next `Session::next` calls (of any
+    /// session) return these errors, one each, in order. A fatal one
+    /// ([`BrokerError::SessionFailed`]) also drops the member from its group,
+    /// as a dead client's session expires.
+    pub fn fail_session_next(&self, errors: impl IntoIterator<Item = BrokerError>) {
+        self.shared.lock().faults.session_next.extend(errors);
+        self.notify();
+    }
+
+    /// Fault injection for tests: the next `Session::commit` calls fail with
+    /// these errors, one each, in order (nothing is committed).
+    pub fn fail_commits(&self, errors: impl IntoIterator<Item = BrokerError>) {
+        self.shared.lock().faults.commit.extend(errors);
+    }
+
+    /// Fault injection for tests: the next `subscribe` calls fail with these
+    /// errors, one each, in order.
+    pub fn fail_subscribes(&self, errors: impl IntoIterator<Item = BrokerError>) {
+        self.shared.lock().faults.subscribe.extend(errors);
     }
 
     /// Members currently in `group`.
@@ -326,6 +385,9 @@ impl Broker for MemoryBroker {
         }
         let position = {
             let mut st = self.shared.lock();
+            if let Some(e) = st.faults.publish.get(&msg.topic) {
+                return Err(e.clone());
+            }
             if !st.topics.contains_key(&msg.topic) {
                 self.create_topic(&mut st, &msg.topic, cfg.default_partitions.max(1));
                 rebalance_all(&mut st);
@@ -349,6 +411,9 @@ impl Broker for MemoryBroker {
     async fn subscribe(&self, group: &str, topics: &[String]) -> Result<MemorySession, BrokerError> {
         let id = {
             let mut st = self.shared.lock();
+            if let Some(e) = st.faults.subscribe.pop_front() {
+                return Err(e);
+            }
             for t in topics {
                 if !st.topics.contains_key(t) {
                     let n = self.shared.config.default_partitions.max(1);
@@ -372,6 +437,9 @@ impl Broker for MemoryBroker {
         }
         let grew = {
             let mut st = self.shared.lock();
+            if let Some(e) = st.faults.ensure.get(topic) {
+                return Err(e.clone());
+            }
             let grew = self.create_topic(&mut st, topic, partitions);
             if grew {
                 rebalance_all(&mut st);
@@ -382,6 +450,22 @@ impl Broker for MemoryBroker {
             self.notify();
         }
         Ok(())
+    }
+
+    /// As many partitions as `source` has (creating `source` with the
+    /// default count if it does not exist yet), so a dead letter can keep
+    /// its origin's partition.
+    async fn ensure_dead_letter_topic(&self, source: &str, dead_letter: &str) -> Result<(), BrokerError> {
+        let partitions = {
+            let mut st = self.shared.lock();
+            if !st.topics.contains_key(source) {
+                let n = self.shared.config.default_partitions.max(1);
+                self.create_topic(&mut st, source, n);
+                rebalance_all(&mut st);
+            }
+            st.topics[source].len() as u32
+        };
+        self.ensure_topic(dead_letter, partitions).await
     }
 
     fn connection_state(&self) -> tokio::sync::watch::Receiver<ConnectionState> {
@@ -444,7 +528,15 @@ impl MemorySession {
         self.broker.notify();
     }
 
-    fn poll_event(&self) -> Result<Option<SessionEvent>, BrokerError> {
+    fn poll_event(&mut self) -> Result<Option<SessionEvent>, BrokerError> {
+        let fault = self.broker.shared.lock().faults.session_next.pop_front();
+        if let Some(e) = fault {
+            if e.class() == super::ErrorClass::Fatal {
+                // A dead client: its membership ends without a commit.
+                self.leave();
+            }
+            return Err(e);
+        }
         self.with_member(|st, group, id| {
             let State { topics, groups, .. } = st;
             let group = groups.get_mut(group).expect("checked");
@@ -481,8 +573,9 @@ impl MemorySession {
 
 impl Session for MemorySession {
     async fn next(&mut self) -> Result<SessionEvent, BrokerError> {
+        let shared = self.broker.shared.clone();
         loop {
-            let notified = self.broker.shared.changed.notified();
+            let notified = shared.changed.notified();
             tokio::pin!(notified);
             // Register before looking, so a change between look and wait wakes us.
             notified.as_mut().enable();
@@ -495,6 +588,9 @@ impl Session for MemorySession {
 
     async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
         self.with_member(|st, group, id| {
+            if let Some(e) = st.faults.commit.pop_front() {
+                return Err(e);
+            }
             let group = st.groups.get_mut(group).expect("checked");
             // Fencing: only the current owner may commit a partition.
             for (tp, _) in offsets {

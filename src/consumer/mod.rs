@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::broker::{Broker, BrokerError, Delivery, Session, SessionEvent, TopicPartition};
+use crate::broker::{Broker, BrokerError, Delivery, ErrorClass, Session, SessionEvent, TopicPartition};
 use crate::envelope::Envelope;
 use crate::pool::{HandlerResult, Outcome, Pool, Rejected, SubmitError};
 use crate::telemetry::{self, ConsumerMetrics, TopicMetrics};
@@ -91,6 +91,11 @@ pub struct ConsumerConfig {
     pub retry: RetryConfig,
     /// Dead-letter topic = origin topic + this suffix.
     pub dead_letter_suffix: String,
+    /// Create each subscribed topic's dead-letter topic when subscribing
+    /// (`Broker::ensure_dead_letter_topic`), so a dead-letter name the broker
+    /// cannot hold fails the subscribe, not the first poison event. Turn off
+    /// where the dead-letter topics are provisioned by other means.
+    pub create_dead_letter_topics: bool,
 }
 
 impl Default for ConsumerConfig {
@@ -101,6 +106,7 @@ impl Default for ConsumerConfig {
             revoke_timeout: Duration::from_secs(30),
             retry: RetryConfig::default(),
             dead_letter_suffix: ".dlq".into(),
+            create_dead_letter_topics: true,
         }
     }
 }
@@ -119,6 +125,23 @@ pub struct ConsumerStats {
     pub commits: AtomicU64,
     pub commit_errors: AtomicU64,
     pub rebalances: AtomicU64,
+    /// Events whose dead letter the broker does not take yet (a gauge): each
+    /// holds its aggregate and its partition's commit. Not ready while > 0.
+    pub dead_letters_stuck: AtomicU64,
+    /// Errors of the group session (`next`), of any class.
+    pub session_errors: AtomicU64,
+    /// Sessions rebuilt after a fatal session error.
+    pub session_rebuilds: AtomicU64,
+    /// Set while the session is being rebuilt: not ready.
+    pub session_down: AtomicBool,
+}
+
+impl ConsumerStats {
+    /// Whether the consumer can make progress now: its session is up and no
+    /// dead letter is stuck.
+    pub fn ready(&self) -> bool {
+        !self.session_down.load(Ordering::Acquire) && self.dead_letters_stuck.load(Ordering::Acquire) == 0
+    }
 }
 
 impl ConsumerStats {
@@ -141,6 +164,10 @@ pub struct ConsumerReport {
 pub enum ConsumerError {
     #[error("joining the consumer group failed: {0}")]
     Subscribe(BrokerError),
+    /// The dead-letter topic of a subscribed topic could not be created (or
+    /// its name is one the broker cannot hold).
+    #[error("dead-letter topic {dead_letter} of {topic} could not be created: {error}")]
+    DeadLetterTopic { topic: String, dead_letter: String, error: BrokerError },
     #[error("consumer task failed: {0}")]
     Task(String),
 }
@@ -171,8 +198,56 @@ impl PartitionState {
 }
 
 enum Control {
-    AddTopic(String, Handler, oneshot::Sender<Result<(), BrokerError>>),
+    AddTopic(String, Handler, oneshot::Sender<Result<(), ConsumerError>>),
     Shutdown(Option<Duration>),
+}
+
+/// Why the consumer's inner loop stopped.
+enum Exit {
+    Shutdown(Option<Duration>),
+    /// The session failed for good: rebuild it.
+    SessionFailed,
+}
+
+/// Capped exponential backoff for broker errors the consumer retries
+/// (session errors, session rebuilds): 100 ms doubling up to 10 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    const INITIAL: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn next(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let factor = 2u32.saturating_pow(self.failures - 1);
+        Self::INITIAL.saturating_mul(factor).min(Self::MAX)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Creates the dead-letter topic of each of `topics` unless configured not to.
+async fn ensure_dead_letter_topics<B: Broker>(
+    broker: &B,
+    config: &ConsumerConfig,
+    topics: &[String],
+) -> Result<(), ConsumerError> {
+    if !config.create_dead_letter_topics {
+        return Ok(());
+    }
+    for topic in topics {
+        let dead_letter = format!("{topic}{}", config.dead_letter_suffix);
+        if let Err(error) = broker.ensure_dead_letter_topic(topic, &dead_letter).await {
+            tracing::error!(topic, dead_letter, %error, "creating the dead-letter topic failed; not subscribing");
+            return Err(ConsumerError::DeadLetterTopic { topic: topic.clone(), dead_letter, error });
+        }
+    }
+    Ok(())
 }
 
 /// A running consumer. Dropping it without `shutdown` stops it the same way
@@ -188,11 +263,13 @@ impl ConsumerHandle {
         &self.stats
     }
 
-    /// Adds a topic to the running session: one rebalance.
-    pub async fn add_topic(&self, topic: String, handler: Handler) -> Result<(), BrokerError> {
+    /// Adds a topic to the running session (after creating its dead-letter
+    /// topic): one rebalance.
+    pub async fn add_topic(&self, topic: String, handler: Handler) -> Result<(), ConsumerError> {
+        let closed = || ConsumerError::Subscribe(BrokerError::Closed);
         let (tx, rx) = oneshot::channel();
-        self.control.send(Control::AddTopic(topic, handler, tx)).map_err(|_| BrokerError::Closed)?;
-        rx.await.map_err(|_| BrokerError::Closed)?
+        self.control.send(Control::AddTopic(topic, handler, tx)).map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
     }
 
     /// Stops intake, closes the pool (drain, or hand back after `deadline`),
@@ -219,6 +296,7 @@ pub async fn start<B: Broker>(
     handlers: BTreeMap<String, Handler>,
 ) -> Result<ConsumerHandle, ConsumerError> {
     let topics: Vec<String> = handlers.keys().cloned().collect();
+    ensure_dead_letter_topics(&*broker, &config, &topics).await?;
     let session = broker.subscribe(&config.group, &topics).await.map_err(ConsumerError::Subscribe)?;
     let stats = Arc::new(ConsumerStats::default());
     let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -258,7 +336,7 @@ type PendingSubmit = BoxFuture<'static, Result<(), Rejected>>;
 impl<B: Broker> Consumer<B> {
     async fn run(
         mut self,
-        mut session: B::Session,
+        session: B::Session,
         mut control: mpsc::UnboundedReceiver<Control>,
         mut done: mpsc::UnboundedReceiver<Completion>,
     ) -> Result<ConsumerReport, ConsumerError> {
@@ -267,45 +345,27 @@ impl<B: Broker> Consumer<B> {
         // A delivery waiting for room in the pool: while it waits, nothing
         // more is read (back-pressure instead of an unbounded buffer).
         let mut pending: Option<PendingSubmit> = None;
+        let mut session = Some(session);
         let deadline = loop {
-            tokio::select! {
-                biased;
-                Some(c) = done.recv() => self.on_completion(c),
-                cmd = control.recv() => match cmd {
-                    Some(Control::AddTopic(topic, handler, reply)) => {
-                        self.handlers.insert(topic, handler);
-                        let topics: Vec<String> = self.handlers.keys().cloned().collect();
-                        let _ = reply.send(session.set_topics(&topics).await);
-                    }
-                    Some(Control::Shutdown(deadline)) => break deadline,
-                    None => break None,
+            let current = match session.as_mut() {
+                Some(s) => s,
+                None => match self.rebuild(&mut control, &mut done).await {
+                    Ok(s) => session.insert(s),
+                    Err(deadline) => break deadline,
                 },
-                _ = tick.tick() => {
-                    let _ = self.commit(&mut session, None).await;
+            };
+            match self.serve(current, &mut control, &mut done, &mut tick, &mut pending).await {
+                Exit::Shutdown(deadline) => break deadline,
+                Exit::SessionFailed => {
+                    // Everything of the old session is fenced as lost: its
+                    // partitions may already be someone else's.
+                    let all: Vec<TopicPartition> = self.partitions.keys().cloned().collect();
+                    if !all.is_empty() {
+                        self.lose(all);
+                    }
+                    self.stats.session_down.store(true, Ordering::Release);
+                    drop(session.take());
                 }
-                submitted = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
-                    pending = None;
-                    if let Err(rejected) = submitted {
-                        if rejected.error == SubmitError::Closed {
-                            tracing::warn!("pool closed under the consumer; stopping");
-                            break None;
-                        }
-                    }
-                }
-                event = session.next(), if pending.is_none() => match event {
-                    Ok(SessionEvent::Message(d)) => pending = self.dispatch(d),
-                    Ok(SessionEvent::Assigned(tps)) => self.assign(tps),
-                    Ok(SessionEvent::Revoked(tps)) => self.revoke(&mut session, &mut done, tps).await,
-                    Ok(SessionEvent::Lost(tps)) => self.lose(tps),
-                    Err(BrokerError::Closed) => {
-                        tracing::warn!("consumer session closed by the broker");
-                        break None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "consumer session error; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
             }
         };
         // Close: stop intake, let the pool drain (or hand back after the
@@ -316,14 +376,162 @@ impl<B: Broker> Consumer<B> {
             self.on_completion(c);
         }
         let mut report = ConsumerReport { handed_back: close.handed_back, final_commit_error: None };
-        let all: Vec<TopicPartition> = self.partitions.keys().cloned().collect();
-        if let Err(e) = self.commit(&mut session, Some(&all)).await {
-            report.final_commit_error = Some(e.to_string());
-        }
-        if let Err(e) = session.close().await {
-            tracing::warn!(error = %e, "leaving the consumer group failed");
+        if let Some(mut session) = session {
+            let all: Vec<TopicPartition> = self.partitions.keys().cloned().collect();
+            if let Err(e) = self.commit(&mut session, Some(&all)).await {
+                report.final_commit_error = Some(e.to_string());
+            }
+            if let Err(e) = session.close().await {
+                tracing::warn!(error = %e, "leaving the consumer group failed");
+            }
         }
         Ok(report)
+    }
+
+    /// Runs one session until shutdown or a fatal session error.
+    async fn serve(
+        &mut self,
+        session: &mut B::Session,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+        done: &mut mpsc::UnboundedReceiver<Completion>,
+        tick: &mut tokio::time::Interval,
+        pending: &mut Option<PendingSubmit>,
+    ) -> Exit {
+        // After a session error, `next` is not called again before this.
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut backoff = Backoff::default();
+        loop {
+            tokio::select! {
+                biased;
+                Some(c) = done.recv() => self.on_completion(c),
+                cmd = control.recv() => match cmd {
+                    Some(Control::AddTopic(topic, handler, reply)) => {
+                        let _ = reply.send(self.add_topic(session, topic, handler).await);
+                    }
+                    Some(Control::Shutdown(deadline)) => return Exit::Shutdown(deadline),
+                    None => return Exit::Shutdown(None),
+                },
+                _ = tick.tick() => {
+                    if let Err(e) = self.commit(session, None).await {
+                        if e.class() == ErrorClass::Fatal {
+                            return Exit::SessionFailed;
+                        }
+                    }
+                }
+                submitted = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
+                    *pending = None;
+                    if let Err(rejected) = submitted {
+                        if rejected.error == SubmitError::Closed {
+                            tracing::warn!("pool closed under the consumer; stopping");
+                            return Exit::Shutdown(None);
+                        }
+                    }
+                }
+                _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                    retry_at = None;
+                }
+                event = session.next(), if pending.is_none() && retry_at.is_none() => match event {
+                    Ok(event) => {
+                        backoff.reset();
+                        match event {
+                            SessionEvent::Message(d) => *pending = self.dispatch(d),
+                            SessionEvent::Assigned(tps) => self.assign(tps),
+                            SessionEvent::Revoked(tps) => self.revoke(session, done, tps).await,
+                            SessionEvent::Lost(tps) => self.lose(tps),
+                        }
+                    }
+                    Err(e) => {
+                        ConsumerStats::bump(&self.stats.session_errors);
+                        self.metrics.session_error(e.kind()).increment(1);
+                        match e.class() {
+                            ErrorClass::Fatal => {
+                                tracing::error!(error = %e, "consumer session failed; rebuilding it");
+                                return Exit::SessionFailed;
+                            }
+                            ErrorClass::Retriable => {
+                                let wait = backoff.next();
+                                tracing::warn!(error = %e, retry_in = ?wait, "consumer session error; retrying");
+                                retry_at = Some(tokio::time::Instant::now() + wait);
+                            }
+                            ErrorClass::Permanent => {
+                                let wait = backoff.next();
+                                tracing::error!(error = %e, retry_in = ?wait,
+                                    "consumer session error that will not clear by itself; retrying with backoff");
+                                retry_at = Some(tokio::time::Instant::now() + wait);
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Creates the dead-letter topic of `topic`, then adds it to the session.
+    async fn add_topic(
+        &mut self,
+        session: &mut B::Session,
+        topic: String,
+        handler: Handler,
+    ) -> Result<(), ConsumerError> {
+        ensure_dead_letter_topics(&*self.broker, &self.config, std::slice::from_ref(&topic)).await?;
+        self.handlers.insert(topic.clone(), handler);
+        let topics: Vec<String> = self.handlers.keys().cloned().collect();
+        if let Err(e) = session.set_topics(&topics).await {
+            self.handlers.remove(&topic);
+            return Err(ConsumerError::Subscribe(e));
+        }
+        Ok(())
+    }
+
+    /// Joins the group again after a fatal session error, with capped
+    /// backoff, while completions and control messages are still served.
+    /// `Err(deadline)` when shut down meanwhile.
+    async fn rebuild(
+        &mut self,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+        done: &mut mpsc::UnboundedReceiver<Completion>,
+    ) -> Result<B::Session, Option<Duration>> {
+        let mut backoff = Backoff::default();
+        loop {
+            let topics: Vec<String> = self.handlers.keys().cloned().collect();
+            match self.broker.subscribe(&self.config.group, &topics).await {
+                Ok(session) => {
+                    ConsumerStats::bump(&self.stats.session_rebuilds);
+                    self.metrics.session_rebuilds.increment(1);
+                    self.stats.session_down.store(false, Ordering::Release);
+                    tracing::info!("consumer session rebuilt");
+                    return Ok(session);
+                }
+                Err(e) => {
+                    ConsumerStats::bump(&self.stats.session_errors);
+                    self.metrics.session_error(e.kind()).increment(1);
+                    let wait = backoff.next();
+                    tracing::error!(error = %e, class = ?e.class(), retry_in = ?wait,
+                        "rejoining the consumer group failed");
+                    let until = tokio::time::Instant::now() + wait;
+                    loop {
+                        tokio::select! {
+                            biased;
+                            Some(c) = done.recv() => self.on_completion(c),
+                            cmd = control.recv() => match cmd {
+                                Some(Control::AddTopic(topic, handler, reply)) => {
+                                    let topics = std::slice::from_ref(&topic);
+                                    let result = ensure_dead_letter_topics(&*self.broker, &self.config, topics).await;
+                                    if result.is_ok() {
+                                        // The next join subscribes it.
+                                        self.handlers.insert(topic, handler);
+                                    }
+                                    let _ = reply.send(result);
+                                }
+                                Some(Control::Shutdown(deadline)) => return Err(deadline),
+                                None => return Err(None),
+                            },
+                            _ = tokio::time::sleep_until(until) => break,
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn assign(&mut self, tps: Vec<TopicPartition>) {
@@ -500,9 +708,17 @@ impl<B: Broker> Consumer<B> {
                 Ok(())
             }
             Err(e) => {
+                // Retried at the next tick (`commit_interval`, never a hot
+                // loop); the frontier is kept, so nothing is skipped.
                 ConsumerStats::bump(&self.stats.commit_errors);
                 self.metrics.commit_errors.increment(1);
-                tracing::warn!(error = %e, "commit failed; will retry");
+                match e.class() {
+                    ErrorClass::Retriable => tracing::warn!(error = %e, "commit failed; will retry"),
+                    ErrorClass::Permanent => {
+                        tracing::error!(error = %e, kind = e.kind(), "commit refused; will retry at the next interval")
+                    }
+                    ErrorClass::Fatal => tracing::error!(error = %e, "commit failed: the session is gone"),
+                }
                 Err(e)
             }
         }

@@ -6,14 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use futures::FutureExt;
 use tracing::field::Empty;
 use tracing::Instrument;
 
 use super::{ConsumerConfig, ConsumerStats, Handler};
-use crate::broker::{Broker, Delivery, Outbound};
+use crate::broker::{Broker, BrokerError, Delivery, Outbound};
 use crate::envelope::{aggregate_id_from, Envelope, HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_TRACE_ID};
-use crate::pool::{panic_message, HandlerError, HandlerPanicked, HandlerResult, Key, Outcome, Task};
+use crate::pool::{panic_message, HandlerPanicked, HandlerResult, Key, Outcome, Step, Task};
 use crate::telemetry::TopicMetrics;
 
 /// Dead-letter headers: why, after how many attempts, and where it came from.
@@ -32,18 +33,24 @@ pub const DLQ_PAYLOAD_OMITTED: &str = "x-dlq-payload-omitted";
 #[error("partition revoked before the event completed")]
 pub struct Fenced;
 
-/// The broker refused the dead letter for good, even without its payload:
-/// the event is left uncommitted and is redelivered.
-#[derive(Debug, thiserror::Error)]
-#[error("dead-letter topic refused the event: {0}")]
-pub struct DeadLetterRefused(pub crate::broker::BrokerError);
-
 pub(super) struct TaskContext<B> {
     pub broker: Arc<B>,
     pub config: Arc<ConsumerConfig>,
     pub stats: Arc<ConsumerStats>,
     pub fence: Arc<AtomicBool>,
     pub metrics: Arc<TopicMetrics>,
+}
+
+impl<B> Clone for TaskContext<B> {
+    fn clone(&self) -> Self {
+        TaskContext {
+            broker: self.broker.clone(),
+            config: self.config.clone(),
+            stats: self.stats.clone(),
+            fence: self.fence.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
 }
 
 impl<B> TaskContext<B> {
@@ -63,32 +70,31 @@ pub(super) fn build<B: Broker>(
     match handler {
         Handler::Raw(h) => {
             let span = handle_span(&delivery, None, None);
-            let work = async move {
-                let run = {
-                    let delivery = delivery.clone();
-                    move || h(delivery.clone())
-                };
-                handle_with_retries(&ctx, &delivery, run).await
+            let run = {
+                let delivery = delivery.clone();
+                Box::new(move || h(delivery.clone()))
+                    as Box<dyn Fn() -> BoxFuture<'static, HandlerResult> + Send + Sync>
             };
-            Task::new(None, work.instrument(span), reply)
+            let job = Arc::new(Attempts { ctx, delivery, run, started: Instant::now() });
+            Task::stepped(None, attempt(job, 1, span), reply)
         }
         Handler::Envelope(h, encoding) => {
             let decoded = Envelope::decode_with(&delivery.payload, encoding);
             let key = aggregate_id_from(decoded.as_ref().ok(), &delivery.headers, delivery.key.as_deref(), None)
                 .map(|id| Key::from(id.id));
             let span = handle_span(&delivery, decoded.as_ref().ok(), key.as_deref());
-            let work = async move {
-                match decoded {
-                    Ok(envelope) => handle_with_retries(&ctx, &delivery, move || h(envelope.clone())).await,
-                    Err(e) => {
-                        if ctx.fenced() {
-                            return Err(Box::new(Fenced) as HandlerError);
-                        }
-                        dead_letter(&ctx, &delivery, "decode", &e.to_string(), 0).await
-                    }
+            let work = match decoded {
+                Ok(envelope) => {
+                    let run = Box::new(move || h(envelope.clone()));
+                    let job = Arc::new(Attempts { ctx, delivery, run, started: Instant::now() });
+                    attempt(job, 1, span)
+                }
+                Err(e) => {
+                    let letter = DeadLetter::new(ctx, &delivery, "decode", &e.to_string(), 0);
+                    letter.publish(span)
                 }
             };
-            Task::new(key, work.instrument(span), reply)
+            Task::stepped(key, work, reply)
         }
     }
 }
@@ -146,110 +152,195 @@ fn handle_span(delivery: &Delivery, envelope: Option<&Envelope>, key: Option<&st
     span
 }
 
-async fn handle_with_retries<B, F, Fut>(ctx: &TaskContext<B>, delivery: &Delivery, run: F) -> HandlerResult
-where
-    B: Broker,
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = HandlerResult>,
-{
-    let retry = &ctx.config.retry;
-    let attempts = retry.max_attempts.max(1);
-    let mut last_error = String::new();
-    let started = Instant::now();
-    for attempt in 1..=attempts {
+/// One event's handling, shared by its attempts (each attempt is a step of
+/// the pool task; the waits between them park the task, not a worker).
+struct Attempts<B> {
+    ctx: TaskContext<B>,
+    delivery: Delivery,
+    run: Box<dyn Fn() -> BoxFuture<'static, HandlerResult> + Send + Sync>,
+    started: Instant,
+}
+
+/// Calls the handler once. A panic counts as a failure wherever it happens:
+/// in the call that builds the future (the synchronous part) or while the
+/// future runs.
+async fn run_once(run: &(dyn Fn() -> BoxFuture<'static, HandlerResult> + Send + Sync)) -> HandlerResult {
+    let future = match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(future) => future,
+        Err(panic) => return Err(Box::new(HandlerPanicked(panic_message(&*panic)))),
+    };
+    match AssertUnwindSafe(future).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic)))),
+    }
+}
+
+fn attempt<B: Broker>(job: Arc<Attempts<B>>, attempt: u32, span: tracing::Span) -> BoxFuture<'static, Step> {
+    let outer = span.clone();
+    async move {
+        let ctx = &job.ctx;
+        let delivery = &job.delivery;
+        let attempts = ctx.config.retry.max_attempts.max(1);
         // Revoked while queued or between attempts: the next owner redoes it.
         if ctx.fenced() {
             if attempt > 1 {
                 tracing::Span::current().record("attempt", attempt - 1);
             }
-            return Err(Box::new(Fenced));
+            return Step::Done(Err(Box::new(Fenced)));
         }
-        let run = AssertUnwindSafe(run()).catch_unwind().instrument(tracing::info_span!("attempt", attempt));
-        let result = match run.await {
-            Ok(r) => r,
-            Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic))) as HandlerError),
-        };
+        let result = run_once(&*job.run).instrument(tracing::info_span!("attempt", attempt)).await;
         match result {
             Ok(()) => {
                 ConsumerStats::bump(&ctx.stats.handled);
                 ctx.metrics.handled.increment(1);
-                ctx.metrics.observe_handling(started.elapsed());
+                ctx.metrics.observe_handling(job.started.elapsed());
                 tracing::Span::current().record("attempt", attempt);
-                return Ok(());
+                Step::Done(Ok(()))
             }
             Err(e) => {
                 ctx.metrics.failed.increment(1);
-                last_error = e.to_string();
-                tracing::debug!(topic = %delivery.topic, offset = delivery.offset, attempt, error = %last_error, "handler failed");
+                let error = e.to_string();
+                tracing::debug!(topic = %delivery.topic, offset = delivery.offset, attempt, error = %error,
+                    "handler failed");
                 if attempt < attempts {
                     ConsumerStats::bump(&ctx.stats.retried);
                     ctx.metrics.retried.increment(1);
-                    tokio::time::sleep(retry.backoff(attempt)).await;
+                    // Wait without holding a worker; the key stays held.
+                    let until = tokio::time::Instant::now() + ctx.config.retry.backoff(attempt);
+                    return Step::Park { until, then: self::attempt(job.clone(), attempt + 1, span) };
                 }
+                ctx.metrics.observe_handling(job.started.elapsed());
+                tracing::Span::current().record("attempt", attempts);
+                let letter = DeadLetter::new(ctx.clone(), delivery, "handler", &error, attempts);
+                letter.publish(span).await
             }
         }
     }
-    ctx.metrics.observe_handling(started.elapsed());
-    tracing::Span::current().record("attempt", attempts);
-    dead_letter(ctx, delivery, "handler", &last_error, attempts).await
+    .instrument(outer)
+    .boxed()
 }
 
-/// Publishes `delivery` to its dead-letter topic, retrying until the broker
-/// takes it: only then does the event count as complete.
-async fn dead_letter<B: Broker>(
-    ctx: &TaskContext<B>,
-    delivery: &Delivery,
-    reason: &str,
-    error: &str,
-    attempts: u32,
-) -> HandlerResult {
-    let mut headers = delivery.headers.clone();
-    headers.extend([
-        (DLQ_REASON.to_string(), reason.as_bytes().to_vec()),
-        (DLQ_ERROR.to_string(), error.as_bytes().to_vec()),
-        (DLQ_ATTEMPTS.to_string(), attempts.to_string().into_bytes()),
-        (DLQ_ORIGIN_TOPIC.to_string(), delivery.topic.as_bytes().to_vec()),
-        (DLQ_ORIGIN_PARTITION.to_string(), delivery.partition.to_string().into_bytes()),
-        (DLQ_ORIGIN_OFFSET.to_string(), delivery.offset.to_string().into_bytes()),
-    ]);
-    let msg = Outbound {
-        topic: format!("{}{}", delivery.topic, ctx.config.dead_letter_suffix),
-        key: delivery.key.clone(),
-        headers,
-        payload: delivery.payload.clone(),
-    };
-    let mut msg = msg;
-    let mut attempt = 1;
-    loop {
-        match ctx.broker.publish(msg.clone()).await {
-            Ok(_) => {
-                ConsumerStats::bump(&ctx.stats.dead_lettered);
-                ctx.metrics.dead_lettered(reason).increment(1);
-                tracing::warn!(topic = %delivery.topic, offset = delivery.offset, reason, error, "event dead-lettered");
-                return Ok(());
-            }
-            Err(e) if ctx.fenced() => {
-                tracing::debug!(error = %e, "dead-letter publish abandoned: partition revoked");
-                return Err(Box::new(Fenced));
-            }
-            // Refused for good (e.g. too large once the dead-letter headers
-            // are added): the origin topic still holds the payload at the
-            // position the headers name, so a dead letter without it loses
-            // nothing.
-            Err(e) if !e.is_retriable() && !msg.payload.is_empty() => {
-                tracing::warn!(error = %e, topic = %msg.topic, "dead letter refused; retrying without the payload");
-                msg.payload.clear();
-                msg.headers.push((DLQ_PAYLOAD_OMITTED.to_string(), e.to_string().into_bytes()));
-            }
-            Err(e) if !e.is_retriable() => {
-                tracing::error!(error = %e, topic = %msg.topic, "dead letter refused; event left uncommitted");
-                return Err(Box::new(DeadLetterRefused(e)));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, topic = %msg.topic, "dead-letter publish failed; retrying");
-                tokio::time::sleep(ctx.config.retry.backoff(attempt)).await;
-                attempt += 1;
+/// Dead-lettered events whose dead letter has not been written yet, because
+/// the broker refuses or fails it; one guard per event, counted while alive.
+struct Stuck {
+    stats: Arc<ConsumerStats>,
+    gauge: metrics::Gauge,
+}
+
+impl Stuck {
+    fn new(stats: Arc<ConsumerStats>, gauge: metrics::Gauge) -> Stuck {
+        stats.dead_letters_stuck.fetch_add(1, Ordering::AcqRel);
+        gauge.increment(1.0);
+        Stuck { stats, gauge }
+    }
+}
+
+impl Drop for Stuck {
+    fn drop(&mut self) {
+        self.stats.dead_letters_stuck.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// A dead letter being written: retried with capped backoff (parked between
+/// tries) until the broker takes it or the partition is revoked. Until then
+/// the event holds its key and its offset, so nothing after it of its
+/// aggregate runs and the commit does not pass it.
+struct DeadLetter<B> {
+    ctx: TaskContext<B>,
+    topic: Arc<str>,
+    partition: u32,
+    offset: u64,
+    reason: &'static str,
+    error: String,
+    msg: Outbound,
+    tries: u32,
+    stuck: Option<Stuck>,
+}
+
+impl<B: Broker> DeadLetter<B> {
+    fn new(ctx: TaskContext<B>, delivery: &Delivery, reason: &'static str, error: &str, attempts: u32) -> Self {
+        let mut headers = delivery.headers.clone();
+        headers.extend([
+            (DLQ_REASON.to_string(), reason.as_bytes().to_vec()),
+            (DLQ_ERROR.to_string(), error.as_bytes().to_vec()),
+            (DLQ_ATTEMPTS.to_string(), attempts.to_string().into_bytes()),
+            (DLQ_ORIGIN_TOPIC.to_string(), delivery.topic.as_bytes().to_vec()),
+            (DLQ_ORIGIN_PARTITION.to_string(), delivery.partition.to_string().into_bytes()),
+            (DLQ_ORIGIN_OFFSET.to_string(), delivery.offset.to_string().into_bytes()),
+        ]);
+        let msg = Outbound {
+            topic: format!("{}{}", delivery.topic, ctx.config.dead_letter_suffix),
+            key: delivery.key.clone(),
+            headers,
+            payload: delivery.payload.clone(),
+        };
+        DeadLetter {
+            ctx,
+            topic: delivery.topic.clone(),
+            partition: delivery.partition,
+            offset: delivery.offset,
+            reason,
+            error: error.to_string(),
+            msg,
+            tries: 0,
+            stuck: None,
+        }
+    }
+
+    /// One round of tries: ends done, fenced, or parked until the next round.
+    fn publish(mut self, span: tracing::Span) -> BoxFuture<'static, Step> {
+        let outer = span.clone();
+        async move {
+            loop {
+                if self.ctx.fenced() {
+                    tracing::debug!(topic = %self.topic, offset = self.offset,
+                        "dead letter abandoned: partition revoked");
+                    return Step::Done(Err(Box::new(Fenced)));
+                }
+                self.tries += 1;
+                let e = match self.ctx.broker.publish(self.msg.clone()).await {
+                    Ok(_) => {
+                        ConsumerStats::bump(&self.ctx.stats.dead_lettered);
+                        self.ctx.metrics.dead_lettered(self.reason).increment(1);
+                        if self.stuck.take().is_some() {
+                            tracing::warn!(topic = %self.topic, partition = self.partition, offset = self.offset,
+                                tries = self.tries, "stuck dead letter written; the partition goes on");
+                        }
+                        tracing::warn!(topic = %self.topic, offset = self.offset, reason = self.reason,
+                            error = %self.error, "event dead-lettered");
+                        return Step::Done(Ok(()));
+                    }
+                    Err(e) => e,
+                };
+                self.ctx.metrics.dead_letter_failed(e.kind()).increment(1);
+                // Refused for good (too large once the dead-letter headers
+                // are added): the origin topic still holds the payload at the
+                // position the headers name, so a dead letter without it
+                // loses nothing. Only this refusal drops the payload.
+                if matches!(e, BrokerError::Refused(_)) && !self.msg.payload.is_empty() {
+                    tracing::warn!(error = %e, topic = %self.msg.topic,
+                        "dead letter refused; retrying without the payload");
+                    self.msg.payload.clear();
+                    self.msg.headers.push((DLQ_PAYLOAD_OMITTED.to_string(), e.to_string().into_bytes()));
+                    continue;
+                }
+                // Anything else: the event keeps its place (key held, offset
+                // outstanding) and the write is retried with capped backoff.
+                if self.stuck.is_none() {
+                    let gauge = self.ctx.metrics.dead_letter_stuck.clone();
+                    self.stuck = Some(Stuck::new(self.ctx.stats.clone(), gauge));
+                }
+                let wait = self.ctx.config.retry.backoff(self.tries);
+                tracing::error!(topic = %self.topic, partition = self.partition, offset = self.offset,
+                    dead_letter = %self.msg.topic, reason = self.reason, error = %e, class = ?e.class(),
+                    tries = self.tries, retry_in = ?wait,
+                    "dead letter cannot be written; the event keeps its place and the write is retried");
+                let until = tokio::time::Instant::now() + wait;
+                return Step::Park { until, then: self.publish(span) };
             }
         }
+        .instrument(outer)
+        .boxed()
     }
 }

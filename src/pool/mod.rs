@@ -122,10 +122,30 @@ impl Drop for Reply {
     }
 }
 
+/// What one run of a task's work ends with: its result, or a wait.
+pub enum Step {
+    /// The task is finished; its key is released.
+    Done(HandlerResult),
+    /// The task waits until `until`, then goes on with `then`. The worker is
+    /// freed meanwhile; the key stays held (later tasks of the key wait) and
+    /// the task still counts against the capacity. When the time comes, the
+    /// continuation runs on the next free worker, before any new task.
+    Park { until: tokio::time::Instant, then: BoxFuture<'static, Step> },
+}
+
+impl fmt::Debug for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Done(r) => f.debug_tuple("Done").field(r).finish(),
+            Step::Park { until, .. } => f.debug_struct("Park").field("until", until).finish_non_exhaustive(),
+        }
+    }
+}
+
 /// One unit of work: the handler's future, its key, and where its outcome goes.
 pub struct Task {
     key: Option<Key>,
-    work: BoxFuture<'static, HandlerResult>,
+    work: BoxFuture<'static, Step>,
     reply: Reply,
 }
 
@@ -135,6 +155,16 @@ impl Task {
     pub fn new<F, R>(key: Option<Key>, work: F, reply: R) -> Task
     where
         F: Future<Output = HandlerResult> + Send + 'static,
+        R: FnOnce(Outcome) + Send + 'static,
+    {
+        Task::stepped(key, work.map(Step::Done), reply)
+    }
+
+    /// Like [`Task::new`], for work that may [park](Step::Park): wait for a
+    /// time without holding a worker.
+    pub fn stepped<F, R>(key: Option<Key>, work: F, reply: R) -> Task
+    where
+        F: Future<Output = Step> + Send + 'static,
         R: FnOnce(Outcome) + Send + 'static,
     {
         #[cfg(feature = "planted-bugs")]
@@ -161,8 +191,11 @@ struct Shared {
     /// Workers hold only the core, never `Shared`: otherwise they would keep
     /// `Shared` alive and its `Drop` (abort on last handle) could never run.
     core: Arc<Core<Key, Task>>,
+    parked: Arc<Parked>,
     config: PoolConfig,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The task that moves parked tasks whose time has come to the ready list.
+    timer: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// The one close, once started: later and concurrent calls await it.
     closing: std::sync::Mutex<Option<SharedFuture<BoxFuture<'static, CloseReport>>>>,
 }
@@ -188,14 +221,17 @@ impl Pool {
         assert!(config.concurrency > 0, "pool concurrency must be at least 1");
         let shared = Arc::new(Shared {
             core: Arc::new(Core::new(config.capacity)),
+            parked: Arc::new(Parked::default()),
             config,
             workers: std::sync::Mutex::new(Vec::new()),
+            timer: std::sync::Mutex::new(None),
             closing: std::sync::Mutex::new(None),
         });
         let workers = (0..shared.config.concurrency)
-            .map(|_| tokio::spawn(worker(Arc::clone(&shared.core))))
+            .map(|_| tokio::spawn(worker(Arc::clone(&shared.core), Arc::clone(&shared.parked))))
             .collect();
         *shared.workers.lock().unwrap_or_else(|p| p.into_inner()) = workers;
+        *shared.timer.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::spawn(timer(Arc::clone(&shared.parked))));
         Pool { shared }
     }
 
@@ -253,6 +289,12 @@ impl Pool {
         self.shared.core.stats()
     }
 
+    /// Tasks parked right now (waiting for their time, or ready to go on);
+    /// they count as in flight in [`Pool::stats`].
+    pub fn parked(&self) -> usize {
+        self.shared.parked.len()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.shared.core.is_closed()
     }
@@ -279,7 +321,9 @@ impl Pool {
                 // `close` either got in before or is refused.
                 self.shared.core.close();
                 let workers = std::mem::take(&mut *self.shared.workers.lock().unwrap_or_else(|p| p.into_inner()));
-                let drain = tokio::spawn(drain(Arc::clone(&self.shared.core), workers, deadline));
+                let timer = self.shared.timer.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let parked = Arc::clone(&self.shared.parked);
+                let drain = tokio::spawn(drain(Arc::clone(&self.shared.core), parked, workers, timer, deadline));
                 async move {
                     match drain.await {
                         Ok(report) => report,
@@ -298,8 +342,14 @@ impl Pool {
 }
 
 /// Waits for `workers` to finish the accepted tasks; after `deadline`, hands
-/// back the queued ones and cancels the rest.
-async fn drain(core: Arc<Core<Key, Task>>, mut workers: Vec<JoinHandle<()>>, deadline: Option<Duration>) -> CloseReport {
+/// back the queued and parked ones and cancels the rest.
+async fn drain(
+    core: Arc<Core<Key, Task>>,
+    parked: Arc<Parked>,
+    mut workers: Vec<JoinHandle<()>>,
+    timer: Option<JoinHandle<()>>,
+    deadline: Option<Duration>,
+) -> CloseReport {
     let mut report = CloseReport::default();
     // Handles joined so far: a JoinHandle must not be awaited again
     // after it completed, so the abort path only joins the rest.
@@ -332,6 +382,13 @@ async fn drain(core: Arc<Core<Key, Task>>, mut workers: Vec<JoinHandle<()>>, dea
             let _ = handle.await;
         }
     }
+    // Parked tasks are in flight for the core (counted above); dropping
+    // them reports NotProcessed. After a drain there are none.
+    drop(parked.take_all());
+    if let Some(timer) = timer {
+        timer.abort();
+        let _ = timer.await;
+    }
     report
 }
 
@@ -341,6 +398,9 @@ impl Drop for Shared {
         let handles = self.workers.get_mut().unwrap_or_else(|p| p.into_inner());
         for handle in handles.drain(..) {
             handle.abort();
+        }
+        if let Some(timer) = self.timer.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            timer.abort();
         }
     }
 }
@@ -352,21 +412,149 @@ fn refused_to_rejected(refused: Refused<Key, Task>, waited: Duration, capacity: 
     }
 }
 
-async fn worker(core: Arc<Core<Key, Task>>) {
-    let mut next = core.next().await;
-    while let Some(job) = next {
-        let Task { key, work, reply } = job.msg;
+/// Tasks that parked (see [`Step::Park`]): asleep until their time, then
+/// ready for the next free worker, which takes them before new tasks.
+#[derive(Default)]
+struct Parked {
+    state: std::sync::Mutex<ParkedState>,
+    /// A parked task became ready.
+    ready: tokio::sync::Notify,
+    /// A task parked (the timer may have to wake earlier).
+    parked: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct ParkedState {
+    next_id: u64,
+    sleeping: std::collections::BTreeMap<(tokio::time::Instant, u64), Task>,
+    ready: std::collections::VecDeque<Task>,
+}
+
+impl Parked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParkedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn park(&self, until: tokio::time::Instant, task: Task) {
+        {
+            let mut st = self.lock();
+            let id = st.next_id;
+            st.next_id += 1;
+            st.sleeping.insert((until, id), task);
+        }
+        self.parked.notify_one();
+    }
+
+    fn take_ready(&self) -> Option<Task> {
+        self.lock().ready.pop_front()
+    }
+
+    /// Moves the tasks whose time has come to the ready list; returns the
+    /// next wake-up time.
+    fn wake_due(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let (woken, next) = {
+            let mut st = self.lock();
+            let mut woken = 0;
+            while let Some(entry) = st.sleeping.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let task = entry.remove();
+                st.ready.push_back(task);
+                woken += 1;
+            }
+            (woken, st.sleeping.keys().next().map(|k| k.0))
+        };
+        for _ in 0..woken {
+            self.ready.notify_one();
+        }
+        next
+    }
+
+    fn len(&self) -> usize {
+        let st = self.lock();
+        st.sleeping.len() + st.ready.len()
+    }
+
+    fn take_all(&self) -> Vec<Task> {
+        let mut st = self.lock();
+        let mut all: Vec<Task> = std::mem::take(&mut st.sleeping).into_values().collect();
+        all.extend(st.ready.drain(..));
+        all
+    }
+}
+
+/// Moves parked tasks to the ready list when their time comes. It holds no
+/// task: dropping or aborting it loses nothing.
+async fn timer(parked: Arc<Parked>) {
+    loop {
+        let notified = parked.parked.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match parked.wake_due(tokio::time::Instant::now()) {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = notified => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}
+
+/// The next task for a worker: a parked one whose time came (first), or a
+/// new one from the core. `None` once the core is drained or aborted.
+enum Work {
+    Resumed(Task),
+    New(Task),
+}
+
+async fn next_work(core: &Core<Key, Task>, parked: &Parked) -> Option<Work> {
+    loop {
+        let notified = parked.ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(task) = parked.take_ready() {
+            return Some(Work::Resumed(task));
+        }
+        tokio::select! {
+            biased;
+            _ = &mut notified => continue,
+            job = core.next() => return job.map(|job| Work::New(job.msg)),
+        }
+    }
+}
+
+async fn worker(core: Arc<Core<Key, Task>>, parked: Arc<Parked>) {
+    let mut next = next_work(&core, &parked).await;
+    while let Some(work) = next {
+        let (Work::Resumed(task) | Work::New(task)) = work;
+        let Task { key, work, reply } = task;
         let span = tracing::debug_span!("pool.handle", key = key.as_deref().unwrap_or(""), outcome = tracing::field::Empty);
-        let result = AssertUnwindSafe(work).catch_unwind().instrument(span.clone()).await;
-        let result = match result {
-            Ok(r) => r,
+        let step = AssertUnwindSafe(work).catch_unwind().instrument(span.clone()).await;
+        let result = match step {
+            Ok(Step::Park { until, then }) => {
+                // The key stays held and the slot counted: not completed.
+                span.record("outcome", "parked");
+                parked.park(until, Task { key, work: then, reply });
+                next = next_work(&core, &parked).await;
+                continue;
+            }
+            Ok(Step::Done(r)) => r,
             Err(panic) => Err(Box::new(HandlerPanicked(panic_message(&*panic))) as HandlerError),
         };
         span.record("outcome", if result.is_ok() { "ok" } else { "error" });
         reply.send(Outcome::Done(result));
-        next = match core.complete_and_take(key.as_ref()) {
-            Some(job) => Some(job),
-            None => core.next().await,
+        // A parked task whose time came goes before new work.
+        next = if parked.lock().ready.is_empty() {
+            match core.complete_and_take(key.as_ref()) {
+                Some(job) => Some(Work::New(job.msg)),
+                None => next_work(&core, &parked).await,
+            }
+        } else {
+            core.complete(key.as_ref());
+            next_work(&core, &parked).await
         };
     }
 }
