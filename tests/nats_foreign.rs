@@ -242,3 +242,135 @@ async fn foreign_stray_cr_in_a_header_is_dead_lettered_and_the_topic_flows() {
     let o = foreign_case("stray CR in a header value", b"X-Foreign: a\rb").await;
     assert_eq!((o.handled, o.dead_lettered, o.duplicates), (o.sent as u64 - 1, 1, 0));
 }
+
+// ---------------------------------------------------------------------------
+// One dead letter per origin, across a SIGKILL while dead-lettering.
+
+const CHILD_ENV: &str = "EVENTBUS_NATS_FOREIGN_CHILD";
+
+/// The child mode of this test binary (does nothing unless
+/// `EVENTBUS_NATS_FOREIGN_CHILD` is set; see `crash_child::entry`).
+#[test]
+fn child_process_entry() {
+    common::crash_child::entry(CHILD_ENV, |url| async move {
+        connect(NatsConfig { url, ..NatsConfig::default() }).await
+    });
+}
+
+/// Origin offset → copies, of every message of the dead-letter stream.
+async fn dead_letters_by_origin(broker: &NatsBroker, dlq: &str) -> BTreeMap<u64, u32> {
+    let js = broker.jetstream();
+    let mut by_origin = BTreeMap::new();
+    let Ok(mut stream) = js.get_stream(broker.config().stream_name(dlq)).await else { return by_origin };
+    let last = stream.info().await.unwrap().state.last_sequence;
+    for seq in 1..=last {
+        let Ok(m) = stream.get_raw_message(seq).await else { continue };
+        let origin: u64 = m.headers.get(DLQ_ORIGIN_OFFSET).unwrap().as_str().parse().unwrap();
+        *by_origin.entry(origin).or_default() += 1;
+    }
+    by_origin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_killed_while_dead_lettering_stores_one_dead_letter_per_origin() {
+    const AGGREGATES: usize = 10;
+    const VERSIONS: i64 = 30;
+    /// One undecodable message after every this many good ones.
+    const POISON_EVERY: usize = 15;
+    let started = Instant::now();
+    let url = nats_url();
+    let topic = unique("foreign-crash");
+    let dlq = format!("{topic}.dlq");
+    let group = unique("g");
+    let broker = connect(NatsConfig { url: url.clone(), ..NatsConfig::default() }).await;
+    eventbus::Broker::ensure_topic(&broker, &topic, 1).await.unwrap();
+    let mut raw = RawProducer::connect(&url).await;
+    let mut expected = BTreeMap::new();
+    let mut poison = Vec::new();
+    let mut good = 0;
+    for v in 1..=VERSIONS {
+        for a in 0..AGGREGATES {
+            let agg = format!("t0-agg{a}");
+            let header = header_block(format!("{HEADER_AGGREGATE_ID}: {agg}").as_bytes());
+            raw.hpub(&topic, &header, &event(&agg, v).encode().unwrap()).await;
+            expected.insert(agg, VERSIONS);
+            good += 1;
+            if good % POISON_EVERY == 0 {
+                let mut line = format!("X-Foreign-{good}: ").into_bytes();
+                line.push(0xff);
+                let bad = header_block(&line);
+                poison.push(raw.hpub(&topic, &bad, b"poison").await);
+            }
+        }
+    }
+    let crash = common::crash_child::Crash {
+        child_env: CHILD_ENV,
+        address: &url,
+        group: &group,
+        topics: std::slice::from_ref(&topic),
+        logs: "eventbus-nats-foreign-crash",
+    };
+    let ((floor, at_kill), runs) = crash
+        .run(good, &expected, async || {
+            let floor = broker.ack_floor(&group, &topic).await.unwrap().unwrap_or(0);
+            (floor, dead_letters_by_origin(&broker, &dlq).await)
+        })
+        .await;
+    let after = dead_letters_by_origin(&broker, &dlq).await;
+    // Dead-lettered before the kill but not stepped over (at or above the
+    // ack floor): the second run found them again and wrote them again.
+    let rewritten = at_kill.keys().filter(|&&seq| seq > floor).count();
+    let duplicates: u32 = after.values().map(|n| n - 1).sum();
+    runs.check(
+        "nats foreign crash",
+        good,
+        &format!(
+            "poison {}, dead letters at kill {}, ack floor at kill {floor}, re-dead-lettered after the restart \
+             {rewritten}, dead letters {}, duplicate dead letters {duplicates}",
+            poison.len(),
+            at_kill.len(),
+            after.len()
+        ),
+        started,
+    );
+    assert_eq!(after.keys().copied().collect::<Vec<_>>(), poison, "every undecodable message dead-lettered");
+    assert!(after.values().all(|&n| n == 1), "one dead letter per origin: {after:?}");
+    runs.remove_logs();
+    let _ = broker.delete_topic(&topic).await;
+    let _ = broker.delete_topic(&dlq).await;
+}
+
+/// The dead-letter write itself, repeated as a consumer that crashed after
+/// writing it would repeat it: stored once (`Nats-Msg-Id` from the origin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_dead_letter_is_stored_once() {
+    use eventbus::consumer::task_headers::{DLQ_ERROR, DLQ_ORIGIN_PARTITION};
+    let topic = unique("dl-twice");
+    let dlq = format!("{topic}.dlq");
+    let broker = connect(NatsConfig { url: nats_url(), ..NatsConfig::default() }).await;
+    eventbus::Broker::ensure_dead_letter_topic(&broker, &topic, &dlq).await.unwrap();
+    let letter = |error: &str| eventbus::Outbound {
+        topic: dlq.clone(),
+        key: Some(b"agg-1".to_vec()),
+        headers: vec![
+            (DLQ_REASON.into(), b"handler".to_vec()),
+            (DLQ_ERROR.into(), error.as_bytes().to_vec()),
+            (DLQ_ORIGIN_TOPIC.into(), topic.as_bytes().to_vec()),
+            (DLQ_ORIGIN_PARTITION.into(), b"0".to_vec()),
+            (DLQ_ORIGIN_OFFSET.into(), b"42".to_vec()),
+        ],
+        payload: b"not an envelope".to_vec(),
+    };
+    let first = eventbus::Broker::publish(&broker, letter("attempt 1 failed")).await.unwrap();
+    // After a crash the error text may differ; the origin does not.
+    let again = eventbus::Broker::publish(&broker, letter("attempt 3 failed")).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(again.duplicate, "the repeated dead letter was stored twice");
+    assert_eq!(again.offset, first.offset);
+    // Another origin offset is another dead letter.
+    let mut other = letter("x");
+    other.headers[4].1 = b"43".to_vec();
+    assert!(!eventbus::Broker::publish(&broker, other).await.unwrap().duplicate);
+    assert_eq!(dead_letters_by_origin(&broker, &dlq).await, BTreeMap::from([(42, 1), (43, 1)]));
+    let _ = broker.delete_topic(&dlq).await;
+}

@@ -2341,6 +2341,63 @@ mod tests {
     }
 
     #[test]
+    fn reconnects_back_off_per_attempt_and_per_short_connection_with_a_cap() {
+        let max = Duration::from_secs(2);
+        assert_eq!(reconnect_delay(1, 0, max), Duration::from_millis(10));
+        assert_eq!(reconnect_delay(3, 0, max), Duration::from_millis(40));
+        // A connection that dropped right after it was made: each one in a
+        // row doubles the first attempt's pause.
+        assert_eq!(reconnect_delay(1, 1, max), Duration::from_millis(20));
+        assert_eq!(reconnect_delay(1, 5, max), Duration::from_millis(320));
+        assert_eq!(reconnect_delay(1, 1000, max), max);
+        assert_eq!(reconnect_delay(usize::MAX, u32::MAX, max), max);
+        // Flapping forever: at most one reconnect per `max` after the ramp.
+        let ramp: Duration = (0..20).map(|f| reconnect_delay(1, f, max)).sum();
+        assert!(ramp >= Duration::from_secs(20), "{ramp:?}");
+    }
+
+    #[test]
+    fn dead_letters_carry_a_message_id_from_their_origin() {
+        let cfg = NatsConfig::default();
+        let env = Envelope::new("order-1", "Created", 3, &serde_json::json!({"a": 1})).unwrap();
+        let origin = |offset: &str| Outbound {
+            topic: "orders.dlq".into(),
+            key: None,
+            headers: vec![
+                (DLQ_ERROR.into(), format!("attempt {offset}").into_bytes()),
+                (DLQ_ORIGIN_TOPIC.into(), b"orders".to_vec()),
+                (DLQ_ORIGIN_PARTITION.into(), b"0".to_vec()),
+                (DLQ_ORIGIN_OFFSET.into(), offset.as_bytes().to_vec()),
+            ],
+            payload: env.encode().unwrap(),
+        };
+        let id = |m: &Outbound| outbound_headers(&cfg, m).unwrap().get(HEADER_MSG_ID).unwrap().as_str().to_string();
+        assert_eq!(id(&origin("7")), "dlq:orders:0:7");
+        assert_ne!(id(&origin("7")), id(&origin("8")));
+        let off = NatsConfig { dedup: Dedup::Off, ..NatsConfig::default() };
+        assert!(outbound_headers(&off, &origin("7")).unwrap().get(HEADER_MSG_ID).is_none());
+    }
+
+    #[test]
+    fn dead_letter_names_nats_cannot_hold_are_config_errors() {
+        let cfg = NatsConfig::default();
+        assert!(validate_dead_letter_name(&cfg, "orders", "orders.dlq").is_ok());
+        assert!(validate_dead_letter_name(&cfg, "orders", "orders-dlq").is_ok());
+        for bad in ["orders dlq", "orders.*", "orders.>", "orders..dlq", "orders", ""] {
+            let err = validate_dead_letter_name(&cfg, "orders", bad).unwrap_err();
+            assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "consumer.dead_letter_suffix"), "{bad:?}");
+        }
+        let long = format!("{}.dlq", "o".repeat(MAX_STREAM_NAME));
+        assert!(validate_dead_letter_name(&cfg, "orders", &long).is_err());
+        // `orders.dlq` and `orders_dlq` share a stream name.
+        let cfg2 = NatsConfig::default();
+        assert!(validate_dead_letter_name(&cfg2, "orders_dlq", "orders.dlq").is_err());
+        let wild = NatsConfig { wildcard_subjects: true, ..NatsConfig::default() };
+        assert!(validate_dead_letter_name(&wild, "orders", "orders.dlq").is_err());
+        assert!(validate_dead_letter_name(&wild, "orders", "orders-dlq").is_ok());
+    }
+
+    #[test]
     fn names_are_sanitized() {
         let cfg = NatsConfig::default();
         assert_eq!(cfg.stream_name("orders.dlq"), "orders_dlq");
