@@ -295,7 +295,8 @@ async fn consumer_killed_while_dead_lettering_stores_one_dead_letter_per_origin(
             raw.hpub(&topic, &header, &event(&agg, v).encode().unwrap()).await;
             expected.insert(agg, VERSIONS);
             good += 1;
-            if good % POISON_EVERY == 0 {
+            // Never last: the second run stops once every good event is handled.
+            if good % POISON_EVERY == 0 && good < AGGREGATES * VERSIONS as usize {
                 let mut line = format!("X-Foreign-{good}: ").into_bytes();
                 line.push(0xff);
                 let bad = header_block(&line);
@@ -373,4 +374,108 @@ async fn a_repeated_dead_letter_is_stored_once() {
     assert!(!eventbus::Broker::publish(&broker, other).await.unwrap().duplicate);
     assert_eq!(dead_letters_by_origin(&broker, &dlq).await, BTreeMap::from([(42, 1), (43, 1)]));
     let _ = broker.delete_topic(&dlq).await;
+}
+
+/// A consumer that dead-lettered an undecodable message but crashed before
+/// stepping over it (an event before it never completed): the next process
+/// finds the message again, writes its dead letter again, and the stream
+/// keeps one. The crash is a runtime shut down with everything in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_dead_letter_and_step_over_writes_it_once() {
+    let url = nats_url();
+    let topic = unique("foreign-redl");
+    let dlq = format!("{topic}.dlq");
+    let group = unique("g");
+    let admin = connect(NatsConfig { url: url.clone(), ..NatsConfig::default() }).await;
+    eventbus::Broker::ensure_topic(&admin, &topic, 1).await.unwrap();
+    let mut raw = RawProducer::connect(&url).await;
+    let publish = async |raw: &mut RawProducer, agg: &str, v: i64| {
+        let header = header_block(format!("{HEADER_AGGREGATE_ID}: {agg}").as_bytes());
+        raw.hpub(&topic, &header, &event(agg, v).encode().unwrap()).await
+    };
+    for v in 1..=5 {
+        publish(&mut raw, "a", v).await;
+    }
+    let bad = raw.hpub(&topic, &header_block(b"X-Foreign: \xff"), b"poison").await;
+    for v in 6..=10 {
+        publish(&mut raw, "a", v).await;
+    }
+
+    // First process: a/5 never completes, so the undecodable message after
+    // it is dead-lettered but not stepped over.
+    let (written_tx, written_rx) = std::sync::mpsc::channel();
+    let (crash_tx, crash_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = {
+        let (url, topic, group, dlq) = (url.clone(), topic.clone(), group.clone(), dlq.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async {
+                let broker = connect(NatsConfig { url, ..NatsConfig::default() }).await;
+                let stats = broker.stats().clone();
+                let bus = EventBus::builder(broker.clone()).group(group).build().unwrap();
+                bus.subscribe_envelope(&topic, |env: eventbus::Envelope| async move {
+                    if env.event_version == 5 {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap();
+                bus.start().await.unwrap();
+                // The adapter counts the message once it found it; the dead
+                // letter is then in the stream (it is written before the
+                // step-over, which a/5 blocks).
+                let mut copies = BTreeMap::new();
+                while copies.is_empty() {
+                    tokio::task::yield_now().await;
+                    if stats.undecodable.load(Ordering::Relaxed) > 0 {
+                        copies = dead_letters_by_origin(&broker, &dlq).await;
+                    }
+                }
+                written_tx.send(copies).unwrap();
+                let _ = crash_rx.await;
+                // No close, no drop logic: as if the process died.
+                std::mem::forget(bus);
+                std::mem::forget(broker);
+            });
+            // Dropping the runtime cancels every task, the client's
+            // connection task (and its socket) among them.
+            drop(rt);
+        })
+    };
+    let at_crash = tokio::task::spawn_blocking(move || written_rx.recv().unwrap()).await.unwrap();
+    assert_eq!(at_crash, BTreeMap::from([(bad, 1)]));
+    // The crash. The first process's durable's ack floor stays below the
+    // bad message.
+    crash_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || first.join().unwrap()).await.unwrap();
+    let floor = admin.ack_floor(&group, &topic).await.unwrap().unwrap_or(0);
+    assert!(floor < bad, "the first process stepped over the message (ack floor {floor}, message {bad})");
+
+    // Second process: same group.
+    let broker = connect(NatsConfig { url: url.clone(), ..NatsConfig::default() }).await;
+    let stats = broker.stats().clone();
+    let bus = EventBus::builder(broker).group(group.clone()).build().unwrap();
+    let checker = Arc::new(OrderChecker::new());
+    let (progress, mut done) = Progress::new();
+    bus.subscribe_envelope(&topic, checked_handler(checker.clone(), progress, Duration::ZERO, Dropped::StaysRunning))
+        .await
+        .unwrap();
+    bus.start().await.unwrap();
+    let remaining = (10 - floor) as usize; // a/(floor+1)..a/10; the bad one is not an event
+    wait_for(&mut done, remaining, Duration::from_secs(30), "the second process").await;
+    bus.close().await;
+    let after = dead_letters_by_origin(&admin, &dlq).await;
+    eprintln!(
+        "crash between dead letter and step-over: sent 11 (good 10, bad 1), ack floor at crash {floor}, handled by \
+         the second process {}, found again {}, dead letters {after:?}, reconnects {}",
+        *done.borrow(),
+        stats.undecodable.load(Ordering::Relaxed),
+        stats.connects.load(Ordering::Relaxed).saturating_sub(1)
+    );
+    assert_eq!(stats.undecodable.load(Ordering::Relaxed), 1, "the second process found it again");
+    assert_eq!(after, BTreeMap::from([(bad, 1)]), "written twice, stored once");
+    assert!(admin.ack_floor(&group, &topic).await.unwrap().unwrap() >= bad + 5);
+    let _ = admin.delete_topic(&topic).await;
+    let _ = admin.delete_topic(&dlq).await;
 }

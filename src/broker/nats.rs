@@ -1911,6 +1911,9 @@ impl TopicActor {
                 "a stored message has headers the NATS client cannot parse; dead-lettering it and moving past it"
             );
             self.quarantine = Some(Quarantine { message, reason, dead_lettered: false });
+            // The short connections before this had a known cause, now
+            // removed: the next loss starts the backoff afresh.
+            self.inner.hooks.flap.lock().unwrap_or_else(|p| p.into_inner()).1 = 0;
         }
         Ok(())
     }
