@@ -17,8 +17,8 @@ mod common;
 
 use common::crash_child::{self, publish_all, temp_path, Crash};
 use common::scenario::{
-    bus_config, checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, outbound,
-    recv_within, started_with_channels, unique, wait_for, Dropped, Progress, Seed,
+    bus_config, checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, outbound, recv_within,
+    started_with_channels, unique, wait_for, Dropped, Progress, Seed,
 };
 
 use std::collections::BTreeMap;
@@ -678,11 +678,17 @@ async fn dead_letter_streams_are_created_even_with_strategy_existing_and_bad_nam
     // Names the server cannot hold.
     for bad in [format!("{topic} dlq"), format!("{topic}.*"), format!("{topic}..dlq"), topic.clone(), "x".repeat(300)] {
         let err = existing.ensure_dead_letter_topic(&topic, &bad).await.unwrap_err();
-        assert!(matches!(err, eventbus::BrokerError::Config { ref key, .. } if key == "consumer.dead_letter_suffix"), "{bad:?}: {err:?}");
+        assert!(
+            matches!(err, eventbus::BrokerError::Config { ref key, .. } if key == "consumer.dead_letter_suffix"),
+            "{bad:?}: {err:?}"
+        );
     }
     let wild = connect(NatsConfig { wildcard_subjects: true, ..nats_config(&nats_url()) }).await;
     let err = wild.ensure_dead_letter_topic(&topic, &dlq).await.unwrap_err();
-    assert!(matches!(err, eventbus::BrokerError::Config { .. }), "a '.' suffix falls into the wildcard stream: {err:?}");
+    assert!(
+        matches!(err, eventbus::BrokerError::Config { .. }),
+        "a '.' suffix falls into the wildcard stream: {err:?}"
+    );
     cleanup(&creator, &[topic]).await;
 }
 

@@ -252,9 +252,10 @@ const CHILD_ENV: &str = "EVENTBUS_NATS_FOREIGN_CHILD";
 /// `EVENTBUS_NATS_FOREIGN_CHILD` is set; see `crash_child::entry`).
 #[test]
 fn child_process_entry() {
-    common::crash_child::entry(CHILD_ENV, |url| async move {
-        connect(NatsConfig { url, ..NatsConfig::default() }).await
-    });
+    common::crash_child::entry(
+        CHILD_ENV,
+        |url| async move { connect(NatsConfig { url, ..NatsConfig::default() }).await },
+    );
 }
 
 /// Origin offset → copies, of every message of the dead-letter stream.

@@ -1116,7 +1116,9 @@ impl NatsBroker {
                     } else {
                         "nats.strategy is \"existing\""
                     };
-                    return Err(BrokerError::UnknownTopic(format!("{topic} (stream {name:?} does not exist and {why})")));
+                    return Err(BrokerError::UnknownTopic(format!(
+                        "{topic} (stream {name:?} does not exist and {why})"
+                    )));
                 }
                 tracing::info!(stream = %name, topic, "creating stream");
                 match js.create_stream(desired).await {
@@ -1124,8 +1126,7 @@ impl NatsBroker {
                     // Created concurrently by someone else: fine if it holds our subject.
                     Err(e) if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(ref api) if api.error_code().0 == STREAM_NAME_IN_USE) =>
                     {
-                        let info =
-                            js.get_stream(&name).await.map_err(|e| BrokerError::Other(e.to_string()))?;
+                        let info = js.get_stream(&name).await.map_err(|e| BrokerError::Other(e.to_string()))?;
                         if !info.cached_info().config.subjects.iter().any(|s| subject_matches(s, topic)) {
                             return Err(create_stream_error(&name, topic, e));
                         }
@@ -1186,7 +1187,10 @@ impl Broker for NatsBroker {
         if max > 0 && size > max {
             return Err(classify(
                 Failure::TooLarge,
-                format!("message to {:?} is {size} bytes with its headers; the server's max_payload is {max}", msg.topic),
+                format!(
+                    "message to {:?} is {size} bytes with its headers; the server's max_payload is {max}",
+                    msg.topic
+                ),
             ));
         }
         let Outbound { topic, payload, .. } = msg;
@@ -1942,7 +1946,8 @@ impl TopicActor {
         let raw = base64::engine::general_purpose::STANDARD.encode(&message.header);
         let mut full = headers.clone();
         full.push((HEADER_RAW_HEADERS.into(), raw.into_bytes()));
-        let outbound = Outbound { topic: dead_letter.clone(), key: None, headers: full, payload: message.payload.clone() };
+        let outbound =
+            Outbound { topic: dead_letter.clone(), key: None, headers: full, payload: message.payload.clone() };
         let result = match broker.publish(outbound).await {
             Err(BrokerError::Refused(why)) => {
                 // Too large with its bytes: the dead letter says so; the
@@ -2388,7 +2393,10 @@ mod tests {
         assert!(validate_dead_letter_name(&cfg, "orders", "orders-dlq").is_ok());
         for bad in ["orders dlq", "orders.*", "orders.>", "orders..dlq", "orders", ""] {
             let err = validate_dead_letter_name(&cfg, "orders", bad).unwrap_err();
-            assert!(matches!(err, BrokerError::Config { ref key, .. } if key == "consumer.dead_letter_suffix"), "{bad:?}");
+            assert!(
+                matches!(err, BrokerError::Config { ref key, .. } if key == "consumer.dead_letter_suffix"),
+                "{bad:?}"
+            );
         }
         let long = format!("{}.dlq", "o".repeat(MAX_STREAM_NAME));
         assert!(validate_dead_letter_name(&cfg, "orders", &long).is_err());

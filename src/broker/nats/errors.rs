@@ -2,7 +2,6 @@
 //! [`classify`], with a unit test per row. The error types of async-nats
 //! differ per call; `*_failure` reduce each to a [`Failure`] first.
 
-
 use async_nats::jetstream;
 
 use crate::broker::BrokerError;
@@ -76,12 +75,13 @@ pub(crate) fn classify(failure: Failure, what: String) -> BrokerError {
             BrokerError::Full(what)
         }
         Failure::Api { code: MESSAGE_TOO_LARGE | HEADER_TOO_LARGE, .. } => BrokerError::Refused(what),
-        Failure::Api { code: STREAM_NAME_IN_USE | STREAM_SUBJECT_OVERLAP | STREAM_INVALID_CONFIG | MAX_STREAMS, .. } => {
-            BrokerError::Config { key: "nats.streams".into(), reason: what }
-        }
-        Failure::Api { code: NOT_ENABLED | NOT_ENABLED_FOR_ACCOUNT | STREAM_OFFLINE | CLUSTER_NOT_AVAILABLE, .. } => {
-            BrokerError::Unavailable(what)
-        }
+        Failure::Api {
+            code: STREAM_NAME_IN_USE | STREAM_SUBJECT_OVERLAP | STREAM_INVALID_CONFIG | MAX_STREAMS,
+            ..
+        } => BrokerError::Config { key: "nats.streams".into(), reason: what },
+        Failure::Api {
+            code: NOT_ENABLED | NOT_ENABLED_FOR_ACCOUNT | STREAM_OFFLINE | CLUSTER_NOT_AVAILABLE, ..
+        } => BrokerError::Unavailable(what),
         Failure::Api { code: CONSUMER_NOT_FOUND, .. } => BrokerError::SessionFailed(what),
         Failure::Api { status: 401 | 403, .. } | Failure::Denied => BrokerError::Unauthorized(what),
         Failure::Api { status: 503, .. } => BrokerError::Unavailable(what),
