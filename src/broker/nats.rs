@@ -1147,7 +1147,11 @@ impl NatsBroker {
     ) -> Result<Position, (BrokerError, bool)> {
         let publish = jetstream::message::PublishMessage::build().payload(payload).headers(headers);
         let map = |e: jetstream::context::PublishError| {
-            let failure = errors::publish_failure(&e);
+            let failure = match errors::publish_failure(&e) {
+                // Whatever it was, the connection is down: retriable.
+                Failure::Unknown if !self.inner.connected() => Failure::Connection,
+                f => f,
+            };
             // No stream took the subject: it may have been deleted under us.
             let missing = failure == Failure::NoResponders;
             let what = if missing {

@@ -104,6 +104,18 @@ fn api(e: &(dyn std::error::Error + 'static)) -> Option<Failure> {
     None
 }
 
+/// An error and its sources, as one text.
+fn full_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}
+
 /// A client-level failure message that names a permissions or
 /// authorization violation.
 fn denied(text: &str) -> bool {
@@ -118,7 +130,19 @@ pub(crate) fn publish_failure(e: &jetstream::context::PublishError) -> Failure {
         K::BrokenPipe => Failure::Connection,
         K::MaxPayloadExceeded => Failure::TooLarge,
         K::StreamNotFound => Failure::NoResponders,
-        _ => api(e).unwrap_or(if denied(&e.to_string()) { Failure::Denied } else { Failure::Unknown }),
+        // The client's own in-flight limit: clears as acks come back.
+        K::MaxAckPending => Failure::Connection,
+        _ => api(e).unwrap_or_else(|| {
+            let text = full_text(e);
+            if denied(&text) {
+                Failure::Denied
+            } else if text.contains("channel closed") {
+                // The client's connection task is gone; the broker replaces it.
+                Failure::Connection
+            } else {
+                Failure::Unknown
+            }
+        }),
     }
 }
 
