@@ -127,9 +127,10 @@ struct Outcome {
 }
 
 /// Publishes 100 good envelopes, the bad message, 100 good envelopes (10
-/// aggregates, in order), then consumes them with library defaults and
-/// checks everything the module doc says.
-async fn foreign_case(label: &str, bad_line: &[u8]) -> Outcome {
+/// aggregates, in order) and consumes them with library defaults (after
+/// they were stored, or while they are published with `live`); checks
+/// everything the module doc says.
+async fn foreign_case(label: &str, bad_line: &[u8], live: bool) -> Outcome {
     const AGGREGATES: usize = 10;
     const VERSIONS: i64 = 20;
     let started = Instant::now();
@@ -140,6 +141,19 @@ async fn foreign_case(label: &str, bad_line: &[u8]) -> Outcome {
     let admin = broker.clone();
     let stats = broker.stats().clone();
     eventbus::Broker::ensure_topic(&broker, &topic, 1).await.unwrap();
+
+    let bus = EventBus::builder(broker).group(group.clone()).build().unwrap();
+    let checker = Arc::new(OrderChecker::new());
+    let (progress, mut done) = Progress::new();
+    bus.subscribe_envelope(
+        &topic,
+        checked_handler(checker.clone(), progress.clone(), Duration::ZERO, Dropped::StaysRunning),
+    )
+    .await
+    .unwrap();
+    if live {
+        bus.start().await.unwrap();
+    }
 
     let mut raw = RawProducer::connect(&nats_url()).await;
     let mut expected = BTreeMap::new();
@@ -160,17 +174,9 @@ async fn foreign_case(label: &str, bad_line: &[u8]) -> Outcome {
     }
     let bad = bad.unwrap();
     let sent = AGGREGATES * VERSIONS as usize;
-
-    let bus = EventBus::builder(broker).group(group.clone()).build().unwrap();
-    let checker = Arc::new(OrderChecker::new());
-    let (progress, mut done) = Progress::new();
-    bus.subscribe_envelope(
-        &topic,
-        checked_handler(checker.clone(), progress.clone(), Duration::ZERO, Dropped::StaysRunning),
-    )
-    .await
-    .unwrap();
-    bus.start().await.unwrap();
+    if !live {
+        bus.start().await.unwrap();
+    }
     wait_for(&mut done, sent, Duration::from_secs(60), label).await;
     // Alive afterwards: one more event, published through the library.
     let after = bus.publish_envelope(&topic, &event("after", 1)).await.unwrap();
@@ -227,19 +233,31 @@ async fn foreign_case(label: &str, bad_line: &[u8]) -> Outcome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_non_utf8_header_value_is_dead_lettered_and_the_topic_flows() {
-    let o = foreign_case("non-UTF-8 header value", b"X-Foreign: caf\xe9 \xff\xfe").await;
+    let o = foreign_case("non-UTF-8 header value", b"X-Foreign: caf\xe9 \xff\xfe", false).await;
     assert_eq!((o.handled, o.dead_lettered, o.duplicates), (o.sent as u64 - 1, 1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_invalid_header_name_is_dead_lettered_and_the_topic_flows() {
-    let o = foreign_case("invalid header name", b"X Foreign(bad): v").await;
+    let o = foreign_case("invalid header name", b"X Foreign(bad): v", false).await;
     assert_eq!((o.handled, o.dead_lettered, o.duplicates), (o.sent as u64 - 1, 1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_bad_headers_published_while_consuming_are_dead_lettered_and_the_topic_flows() {
+    for (label, line) in [
+        ("live: non-UTF-8 header value", &b"X-Foreign: \xff"[..]),
+        ("live: invalid header name", &b"X Foreign: v"[..]),
+        ("live: stray CR in a header value", &b"X-Foreign: a\rb"[..]),
+    ] {
+        let o = foreign_case(label, line, true).await;
+        assert_eq!((o.handled, o.dead_lettered, o.duplicates), (o.sent as u64 - 1, 1, 0), "{label}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_stray_cr_in_a_header_is_dead_lettered_and_the_topic_flows() {
-    let o = foreign_case("stray CR in a header value", b"X-Foreign: a\rb").await;
+    let o = foreign_case("stray CR in a header value", b"X-Foreign: a\rb", false).await;
     assert_eq!((o.handled, o.dead_lettered, o.duplicates), (o.sent as u64 - 1, 1, 0));
 }
 
