@@ -17,8 +17,8 @@ mod common;
 
 use common::crash_child::{self, publish_all, temp_path, Crash};
 use common::scenario::{
-    bus_config, checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, outbound,
-    recv_within, started_with_channels, unique, wait_for, Dropped, Progress, Seed,
+    bus_config, checked_handler, close_cleanly, event, init_tracing, late_subscription_delivers, outbound, recv_within,
+    started_with_channels, unique, wait_for, Dropped, Progress, Seed,
 };
 
 use std::collections::BTreeMap;
@@ -644,4 +644,72 @@ async fn connection_state_follows_a_server_restart() {
     assert!(up.map(|r| r.is_ok()).unwrap_or(false), "no Connected within {limit:?} of restarting the server");
     server.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+// Dead-letter streams: created at subscribe time even with `strategy =
+// existing`; names NATS cannot hold are rejected with a typed error.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_streams_are_created_even_with_strategy_existing_and_bad_names_are_rejected() {
+    use eventbus::broker::nats::StreamStrategy;
+    let topic = unique("dls");
+    let dlq = format!("{topic}.dlq");
+    let creator = connect(nats_config(&nats_url())).await;
+    creator.ensure_topic(&topic, 1).await.unwrap();
+    let existing = connect(NatsConfig { strategy: StreamStrategy::Existing, ..nats_config(&nats_url()) }).await;
+    // The topic's stream exists; its dead-letter stream does not, and is made.
+    existing.ensure_dead_letter_topic(&topic, &dlq).await.unwrap();
+    let js = existing.jetstream();
+    let mut stream = js.get_stream(existing.config().stream_name(&dlq)).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.subjects, vec![dlq.clone()]);
+    assert_eq!(info.config.max_messages, -1);
+    assert_eq!(info.config.duplicate_window, existing.config().dead_letter_duplicate_window);
+    // Configured not to: a missing one is an unknown topic.
+    let hands_off = connect(NatsConfig {
+        strategy: StreamStrategy::Existing,
+        create_dead_letter_streams: false,
+        ..nats_config(&nats_url())
+    })
+    .await;
+    let err = hands_off.ensure_dead_letter_topic(&topic, &format!("{topic}-other-dlq")).await.unwrap_err();
+    assert!(matches!(err, eventbus::BrokerError::UnknownTopic(_)), "{err:?}");
+    // Names the server cannot hold.
+    for bad in [format!("{topic} dlq"), format!("{topic}.*"), format!("{topic}..dlq"), topic.clone(), "x".repeat(300)] {
+        let err = existing.ensure_dead_letter_topic(&topic, &bad).await.unwrap_err();
+        assert!(
+            matches!(err, eventbus::BrokerError::Config { ref key, .. } if key == "consumer.dead_letter_suffix"),
+            "{bad:?}: {err:?}"
+        );
+    }
+    let wild = connect(NatsConfig { wildcard_subjects: true, ..nats_config(&nats_url()) }).await;
+    let err = wild.ensure_dead_letter_topic(&topic, &dlq).await.unwrap_err();
+    assert!(
+        matches!(err, eventbus::BrokerError::Config { .. }),
+        "a '.' suffix falls into the wildcard stream: {err:?}"
+    );
+    cleanup(&creator, &[topic]).await;
+}
+
+// ---------------------------------------------------------------------------
+// Error mapping against the server: a full stream with `discard = new`, a
+// message over max_payload.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_is_full_and_an_oversized_message_is_refused() {
+    use eventbus::broker::nats::Discard;
+    let topic = unique("full");
+    let broker = connect(NatsConfig { discard: Discard::New, max_msgs: 2, ..nats_config(&nats_url()) }).await;
+    let msg = |n: u8| eventbus::Outbound { topic: topic.clone(), key: None, headers: Vec::new(), payload: vec![n] };
+    broker.publish(msg(1)).await.unwrap();
+    broker.publish(msg(2)).await.unwrap();
+    let err = broker.publish(msg(3)).await.unwrap_err();
+    assert!(matches!(err, eventbus::BrokerError::Full(_)), "{err:?}");
+    assert!(err.is_retriable());
+    let max = broker.client().max_payload();
+    let huge = eventbus::Outbound { topic: topic.clone(), key: None, headers: Vec::new(), payload: vec![0; max + 1] };
+    let err = broker.publish(huge).await.unwrap_err();
+    assert!(matches!(err, eventbus::BrokerError::Refused(_)), "{err:?}");
+    cleanup(&broker, &[topic]).await;
 }

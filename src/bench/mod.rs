@@ -379,7 +379,7 @@ impl Target {
             #[cfg(feature = "nats")]
             Target::Nats { broker, .. } => {
                 let streams: Vec<String> = layout.topics.iter().map(|t| broker.config().stream_name(t)).collect();
-                Some(raw::nats(broker.jetstream(), &streams, expected, deadline, bar).await)
+                Some(raw::nats(&broker.jetstream(), &streams, expected, deadline, bar).await)
             }
         }
     }

@@ -51,9 +51,12 @@
 //! out with more topics (partitioned subjects, one stream each), one member
 //! per topic. See `docs/nats.md`.
 
-use std::collections::{BTreeMap, HashSet};
+mod errors;
+mod undecodable;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -68,7 +71,11 @@ use super::{
     Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
     TopicPartition,
 };
+use crate::consumer::task_headers::{
+    DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED, DLQ_REASON,
+};
 use crate::envelope::{extract_aggregate_id, Envelope, HEADER_AGGREGATE_ID};
+use errors::{classify, Failure};
 
 /// Header carrying [`Outbound::key`] when it is single-line UTF-8 text.
 pub const HEADER_KEY: &str = "X-Eventbus-Key";
@@ -76,6 +83,19 @@ pub const HEADER_KEY: &str = "X-Eventbus-Key";
 pub const HEADER_KEY_HEX: &str = "X-Eventbus-Key-Hex";
 /// JetStream's de-duplication header.
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+/// Dead-letter reason of a stored message async-nats cannot parse.
+pub const REASON_UNDECODABLE_HEADERS: &str = "undecodable-headers";
+/// Dead-letter header holding the origin message's header block as stored,
+/// base64 (standard alphabet, padded).
+pub const HEADER_RAW_HEADERS: &str = "x-dlq-raw-headers";
+/// Dead-letter header holding the origin message's subject.
+pub const HEADER_ORIGIN_SUBJECT: &str = "x-dlq-origin-subject";
+/// The dead-letter suffix assumed for a topic whose dead-letter topic the
+/// consumer did not announce (see [`Broker::ensure_dead_letter_topic`]).
+pub const DEFAULT_DEAD_LETTER_SUFFIX: &str = ".dlq";
+/// Longest stream name the adapter creates (nats-server limits names only by
+/// the 255-byte filename limit of its file store; this leaves room).
+pub const MAX_STREAM_NAME: usize = 200;
 
 /// What happens to a topic's stream when the adapter needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -219,6 +239,14 @@ pub struct NatsConfig {
     pub max_reconnect_delay: Duration,
     /// TLS and authentication (`[nats.security]`, see `docs/security.md`).
     pub security: NatsSecurity,
+    /// Create a topic's dead-letter stream when the topic is subscribed, even
+    /// with `strategy = "existing"` (see `docs/nats.md`); false leaves it to
+    /// the operator (a missing one fails the subscribe).
+    pub create_dead_letter_streams: bool,
+    /// De-duplication window of the dead-letter streams the adapter creates:
+    /// a dead letter written again within it (after a crash) is stored once.
+    #[serde(with = "crate::config::millis")]
+    pub dead_letter_duplicate_window: Duration,
 }
 
 impl Default for NatsConfig {
@@ -250,6 +278,8 @@ impl Default for NatsConfig {
             request_timeout: Duration::from_secs(5),
             max_reconnect_delay: Duration::from_secs(2),
             security: NatsSecurity::default(),
+            create_dead_letter_streams: true,
+            dead_letter_duplicate_window: Duration::from_secs(3600),
         }
     }
 }
@@ -385,6 +415,62 @@ impl NatsConfig {
     }
 }
 
+impl NatsConfig {
+    /// The stream of a dead-letter topic: its own subject only, limits
+    /// retention with no age, size or count limit (dead letters wait for an
+    /// operator; `discard = old` never applies), the topic streams' storage
+    /// and replicas, and [`NatsConfig::dead_letter_duplicate_window`] as
+    /// its `Nats-Msg-Id` window.
+    pub fn dead_letter_stream_config(&self, name: &str, topic: &str) -> stream::Config {
+        stream::Config {
+            name: name.to_string(),
+            subjects: vec![topic.to_string()],
+            description: Some(format!("eventbus dead letters {topic}")),
+            storage: match self.storage {
+                Storage::File => stream::StorageType::File,
+                Storage::Memory => stream::StorageType::Memory,
+            },
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_age: Duration::ZERO,
+            max_bytes: -1,
+            max_messages: -1,
+            num_replicas: self.replicas,
+            duplicate_window: self.dead_letter_duplicate_window,
+            ..Default::default()
+        }
+    }
+}
+
+/// Rejects a dead-letter topic NATS cannot hold for `source`.
+fn validate_dead_letter_name(config: &NatsConfig, source: &str, dead_letter: &str) -> Result<(), BrokerError> {
+    let key = "consumer.dead_letter_suffix";
+    let bad = |reason: String| BrokerError::Config { key: key.into(), reason };
+    validate_topic(dead_letter).map_err(|r| bad(format!("dead-letter topic of {source:?}: {r}")))?;
+    if dead_letter == source {
+        return Err(bad(format!("the dead-letter topic of {source:?} is the topic itself")));
+    }
+    let name = config.stream_name(dead_letter);
+    if name.len() > MAX_STREAM_NAME {
+        return Err(bad(format!(
+            "the stream name {name:?} of dead-letter topic {dead_letter:?} is {} bytes, more than {MAX_STREAM_NAME}",
+            name.len()
+        )));
+    }
+    if name == config.stream_name(source) {
+        return Err(bad(format!(
+            "dead-letter topic {dead_letter:?} maps to the stream {name:?} of its source {source:?}; use another suffix"
+        )));
+    }
+    if config.wildcard_subjects && subject_matches(&format!("{source}.>"), dead_letter) {
+        return Err(bad(format!(
+            "with wildcard_subjects, dead-letter topic {dead_letter:?} falls into the stream of {source:?} \
+             (subject {source}.>); use a suffix that does not start with '.', e.g. \"-dlq\""
+        )));
+    }
+    Ok(())
+}
+
 fn name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '-' || c == '_'
 }
@@ -490,8 +576,18 @@ fn outbound_headers(config: &NatsConfig, msg: &Outbound) -> Result<HeaderMap, Br
         }
     }
     if !has_msg_id {
+        let header = |name: &str| {
+            msg.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).and_then(|(_, v)| header_text(v))
+        };
+        let origin = match (header(DLQ_ORIGIN_TOPIC), header(DLQ_ORIGIN_PARTITION), header(DLQ_ORIGIN_OFFSET)) {
+            (Some(t), Some(p), Some(o)) => Some(format!("dlq:{t}:{p}:{o}")),
+            _ => None,
+        };
         let id = match (&envelope, config.dedup) {
             (_, Dedup::Off) => None,
+            // A dead letter: one per origin position, however often it is
+            // written (a consumer that crashed while dead-lettering).
+            _ if origin.is_some() => origin,
             (Some(e), _) => Some(format!(
                 "{}:{}:{}:{:032x}",
                 e.aggregate_id,
@@ -585,31 +681,21 @@ fn create_stream_error(stream: &str, topic: &str, e: jetstream::context::CreateS
         (K::InvalidStreamName | K::EmptyStreamName, _) => {
             config_error(&format!("streams.{topic}"), format!("invalid stream name {stream:?}: {e}"))
         }
-        (K::JetStream(_), _) => config_error(&format!("streams.{topic}"), format!("stream {stream:?} rejected: {e}")),
-        _ => BrokerError::Other(format!("creating stream {stream:?}: {e}")),
+        _ => match classify(errors::create_stream_failure(&e), format!("creating stream {stream:?}: {e}")) {
+            BrokerError::Other(why) if matches!(e.kind(), K::JetStream(_)) => {
+                config_error(&format!("streams.{topic}"), format!("stream {stream:?} rejected: {why}"))
+            }
+            other => other,
+        },
     }
 }
 
 fn consumer_error(what: &str, e: &stream::ConsumerError) -> BrokerError {
-    use stream::ConsumerErrorKind as K;
-    match e.kind() {
-        K::TimedOut => BrokerError::Timeout(format!("{what}: {e}")),
-        K::JetStream(api) if api.error_code().0 == STREAM_NOT_FOUND => {
-            BrokerError::UnknownTopic(format!("{what}: {e}"))
-        }
-        K::Request => BrokerError::Unavailable(format!("{what}: {e}")),
-        _ => BrokerError::Other(format!("{what}: {e}")),
-    }
+    classify(errors::consumer_failure(e), format!("{what}: {e}"))
 }
 
 fn consumer_info_error(what: &str, e: &jetstream::context::ConsumerInfoError) -> BrokerError {
-    use jetstream::context::ConsumerInfoErrorKind as K;
-    match e.kind() {
-        K::TimedOut => BrokerError::Timeout(format!("{what}: {e}")),
-        K::NoResponders | K::Offline | K::Request => BrokerError::Unavailable(format!("{what}: {e}")),
-        K::StreamNotFound => BrokerError::UnknownTopic(format!("{what}: {e}")),
-        _ => BrokerError::Other(format!("{what}: {e}")),
-    }
+    classify(errors::consumer_info_failure(e), format!("{what}: {e}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -618,8 +704,18 @@ fn consumer_info_error(what: &str, e: &jetstream::context::ConsumerInfoError) ->
 /// Counters of a [`NatsBroker`] and its sessions.
 #[derive(Debug, Default)]
 pub struct NatsStats {
-    /// Connections established (the first one and every reconnect).
+    /// Connections established (the first one and every reconnect, of every
+    /// client the broker made).
     pub connects: AtomicU64,
+    /// Connections lost.
+    pub disconnects: AtomicU64,
+    /// Clients replaced after their connection task died (async-nats panics
+    /// on some malformed messages); each is also a connect.
+    pub client_restarts: AtomicU64,
+    /// Stored messages async-nats cannot parse, found and dead-lettered by
+    /// the adapter (counted per detection; the dead-letter stream stores one
+    /// per origin message).
+    pub undecodable: AtomicU64,
     /// Durable generations created (one per session start and topic, plus
     /// one per re-anchoring).
     pub generations: AtomicU64,
@@ -635,17 +731,210 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// One async-nats client and its JetStream context. Replaced as a whole when
+/// the client dies (`epoch` counts them).
+#[derive(Clone)]
+struct Conn {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    epoch: u64,
+}
+
+/// A connection shorter than this counts as flapping: the next reconnect
+/// waits longer (see [`reconnect_delay`]).
+const FLAP_WINDOW: Duration = Duration::from_secs(1);
+
+/// What every client of a broker reports to.
+struct Hooks {
+    stats: Arc<NatsStats>,
+    /// Bumped on every (re)connect; sessions re-anchor on a change.
+    connects_tx: Arc<watch::Sender<u64>>,
+    /// Follows the client's Connected / Disconnected events.
+    connection: Arc<watch::Sender<ConnectionState>>,
+    /// When the current connection was established, and how many short
+    /// connections in a row there were.
+    flap: Arc<Mutex<(Option<Instant>, u32)>>,
+    /// Receives a client's epoch when its connection task has ended.
+    deaths: mpsc::UnboundedSender<u64>,
+}
+
+/// The pause before reconnect attempt `attempts` (1 = the first after a
+/// loss): 10 ms doubling per attempt and per short-lived connection before
+/// it (`flaps`), capped at `max`. async-nats restarts its attempt count at
+/// every successful connect, so without `flaps` a server that drops each
+/// new connection at once (a message the client cannot parse) would be
+/// reconnected to every 10 ms forever.
+fn reconnect_delay(attempts: usize, flaps: u32, max: Duration) -> Duration {
+    let exp = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX).saturating_add(flaps).min(16);
+    Duration::from_millis(10u64.saturating_mul(2u64.saturating_pow(exp))).min(max)
+}
+
+/// Sends its client's epoch when dropped: the event callback owns it, and
+/// async-nats drops the callback when the client's connection task ended
+/// (the client was dropped, or the task panicked).
+struct DeathGuard {
+    epoch: u64,
+    deaths: mpsc::UnboundedSender<u64>,
+}
+
+impl Drop for DeathGuard {
+    fn drop(&mut self) {
+        let _ = self.deaths.send(self.epoch);
+    }
+}
+
+/// Connects one client (epoch `epoch`) reporting to `hooks`.
+async fn open_client(config: &NatsConfig, hooks: &Hooks, epoch: u64) -> Result<Conn, BrokerError> {
+    let url = config.url.clone();
+    let max_delay = config.max_reconnect_delay;
+    let flap = hooks.flap.clone();
+    let guard = Arc::new(DeathGuard { epoch, deaths: hooks.deaths.clone() });
+    let options = async_nats::ConnectOptions::new()
+        .name(&config.connection_name)
+        .connection_timeout(config.connect_timeout)
+        .request_timeout(Some(config.request_timeout))
+        .max_reconnects(None)
+        .reconnect_delay_callback(move |attempts| {
+            let mut flap = flap.lock().unwrap_or_else(|p| p.into_inner());
+            if attempts <= 1 {
+                // The first attempt after a loss: was that connection short?
+                let short = flap.0.take().is_some_and(|at| at.elapsed() < FLAP_WINDOW);
+                flap.1 = if short { flap.1.saturating_add(1) } else { 0 };
+            }
+            reconnect_delay(attempts, flap.1, max_delay)
+        })
+        .event_callback({
+            let url = url.clone();
+            let stats = hooks.stats.clone();
+            let connection = hooks.connection.clone();
+            let connects_tx = hooks.connects_tx.clone();
+            let flap = hooks.flap.clone();
+            move |event| {
+                let _owned_by_the_callback = &guard;
+                let connects_tx = connects_tx.clone();
+                let url = url.clone();
+                let stats = stats.clone();
+                let connection = connection.clone();
+                let flap = flap.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            bump(&stats.connects);
+                            flap.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(Instant::now());
+                            tracing::info!(%url, "NATS connected");
+                            connects_tx.send_modify(|n| *n += 1);
+                            connection.send_replace(ConnectionState::Connected);
+                        }
+                        async_nats::Event::Disconnected => {
+                            bump(&stats.disconnects);
+                            tracing::warn!(%url, "NATS disconnected; reconnecting");
+                            connection.send_replace(ConnectionState::Disconnected);
+                        }
+                        async_nats::Event::ServerError(e) => tracing::warn!(%url, error = %e, "NATS server error"),
+                        async_nats::Event::ClientError(e) => tracing::warn!(%url, error = %e, "NATS client error"),
+                        other => tracing::info!(%url, event = %other, "NATS connection event"),
+                    }
+                }
+            }
+        });
+    // TLS and authentication (`docs/security.md`): for the first client and
+    // for every replacement of a dead one.
+    let options = config.security.apply(options, &url).await?;
+    let client = match tokio::time::timeout(config.connect_timeout, options.connect(url.as_str())).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => return Err(config.security.connect_error(&url, &e)),
+        Err(_) => {
+            return Err(BrokerError::Unavailable(format!(
+                "cannot connect to NATS at {url}: no answer within {:?}",
+                config.connect_timeout
+            )))
+        }
+    };
+    // The Connected event of the first connect may come before or after
+    // this; count the start of the connection here too.
+    hooks.flap.lock().unwrap_or_else(|p| p.into_inner()).0.get_or_insert_with(Instant::now);
+    let js = jetstream::ContextBuilder::new().timeout(config.request_timeout).build(client.clone());
+    Ok(Conn { client, js, epoch })
+}
+
 struct Inner {
     config: NatsConfig,
     stats: Arc<NatsStats>,
-    client: async_nats::Client,
-    js: jetstream::Context,
+    /// The current client; replaced when it dies.
+    conn: RwLock<Conn>,
+    hooks: Hooks,
     /// Topics whose stream is known to exist.
     ensured: Mutex<HashSet<String>>,
+    /// Dead-letter topic of each source topic, as the consumer announced it
+    /// ([`Broker::ensure_dead_letter_topic`]).
+    dead_letters: Mutex<HashMap<String, String>>,
     /// Bumped on every (re)connect; sessions re-anchor on a change.
     connects: watch::Receiver<u64>,
     /// Follows the client's Connected / Disconnected events.
     connection: Arc<watch::Sender<ConnectionState>>,
+}
+
+impl Inner {
+    fn conn(&self) -> Conn {
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the current client is connected (and alive).
+    fn connected(&self) -> bool {
+        *self.connection.borrow() == ConnectionState::Connected
+            && self.conn().client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The dead-letter topic of `topic`.
+    fn dead_letter_of(&self, topic: &str) -> String {
+        self.dead_letters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .cloned()
+            .unwrap_or_else(|| format!("{topic}{DEFAULT_DEAD_LETTER_SUFFIX}"))
+    }
+}
+
+/// Replaces a broker's client whose connection task died (async-nats
+/// panics on a header value with a CR inside), with capped backoff. Ends
+/// with the broker.
+async fn supervise(inner: Weak<Inner>, mut deaths: mpsc::UnboundedReceiver<u64>) {
+    while let Some(epoch) = deaths.recv().await {
+        let Some(strong) = inner.upgrade() else { return };
+        if strong.conn().epoch != epoch {
+            continue; // an old client, already replaced
+        }
+        tracing::error!(
+            url = %strong.config.url,
+            "the NATS client's connection task ended (a message it could not parse?); starting a new client"
+        );
+        strong.hooks.connection.send_replace(ConnectionState::Disconnected);
+        bump(&strong.stats.disconnects);
+        drop(strong);
+        let mut attempt = 0usize;
+        loop {
+            attempt += 1;
+            let Some(strong) = inner.upgrade() else { return };
+            let flaps = strong.hooks.flap.lock().unwrap_or_else(|p| p.into_inner()).1;
+            let delay = reconnect_delay(attempt, flaps.saturating_add(1), strong.config.max_reconnect_delay);
+            drop(strong);
+            tokio::time::sleep(delay).await;
+            let Some(strong) = inner.upgrade() else { return };
+            match open_client(&strong.config, &strong.hooks, epoch + 1).await {
+                Ok(conn) => {
+                    *strong.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
+                    bump(&strong.stats.client_restarts);
+                    // Sessions re-anchor on the new client (its Connected
+                    // event may have fired before it was installed).
+                    strong.hooks.connects_tx.send_modify(|n| *n += 1);
+                    strong.hooks.connection.send_replace(ConnectionState::Connected);
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, attempt, "starting a new NATS client failed; retrying"),
+            }
+        }
+    }
 }
 
 /// A connection to a NATS server with JetStream. Cloning shares it.
@@ -662,71 +951,30 @@ impl std::fmt::Debug for NatsBroker {
 
 impl NatsBroker {
     /// Validates `config` and connects. The client reconnects on its own
-    /// forever after a successful connect; reconnects are logged.
+    /// forever after a successful connect, with capped exponential backoff
+    /// that also grows while connections keep dropping right after they
+    /// were made; a client whose connection task died is replaced. Both are
+    /// logged and counted ([`NatsStats`]).
     pub async fn connect(config: NatsConfig) -> Result<NatsBroker, BrokerError> {
         config.validate()?;
         let (connects_tx, connects) = watch::channel(0u64);
-        let connects_tx = Arc::new(connects_tx);
-        // Connected once `connect` returns; the client's events move it.
-        let connection = Arc::new(watch::Sender::new(ConnectionState::Connected));
-        let stats = Arc::new(NatsStats::default());
-        let url = config.url.clone();
-        let max_delay = config.max_reconnect_delay;
-        let options = async_nats::ConnectOptions::new()
-            .name(&config.connection_name)
-            .connection_timeout(config.connect_timeout)
-            .request_timeout(Some(config.request_timeout))
-            .max_reconnects(None)
-            .reconnect_delay_callback(move |attempts| {
-                let exp = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX).min(16);
-                Duration::from_millis(10u64.saturating_mul(2u64.saturating_pow(exp))).min(max_delay)
-            })
-            .event_callback({
-                let url = url.clone();
-                let stats = stats.clone();
-                let connection = connection.clone();
-                move |event| {
-                    let connects_tx = connects_tx.clone();
-                    let url = url.clone();
-                    let stats = stats.clone();
-                    let connection = connection.clone();
-                    async move {
-                        match event {
-                            async_nats::Event::Connected => {
-                                bump(&stats.connects);
-                                tracing::info!(%url, "NATS connected");
-                                connects_tx.send_modify(|n| *n += 1);
-                                connection.send_replace(ConnectionState::Connected);
-                            }
-                            async_nats::Event::Disconnected => {
-                                tracing::warn!(%url, "NATS disconnected; reconnecting");
-                                connection.send_replace(ConnectionState::Disconnected);
-                            }
-                            async_nats::Event::ServerError(e) => tracing::warn!(%url, error = %e, "NATS server error"),
-                            async_nats::Event::ClientError(e) => tracing::warn!(%url, error = %e, "NATS client error"),
-                            other => tracing::info!(%url, event = %other, "NATS connection event"),
-                        }
-                    }
-                }
-            });
-        let options = config.security.apply(options, &url).await?;
-        let client = match tokio::time::timeout(config.connect_timeout, options.connect(url.as_str())).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => return Err(config.security.connect_error(&url, &e)),
-            Err(_) => {
-                return Err(BrokerError::Unavailable(format!(
-                    "cannot connect to NATS at {url}: no answer within {:?}",
-                    config.connect_timeout
-                )))
-            }
+        let (deaths_tx, deaths) = mpsc::unbounded_channel();
+        let hooks = Hooks {
+            stats: Arc::new(NatsStats::default()),
+            connects_tx: Arc::new(connects_tx),
+            // Connected once `connect` returns; the client's events move it.
+            connection: Arc::new(watch::Sender::new(ConnectionState::Connected)),
+            flap: Arc::new(Mutex::new((None, 0))),
+            deaths: deaths_tx,
         };
-        let js = jetstream::ContextBuilder::new().timeout(config.request_timeout).build(client.clone());
+        let conn = open_client(&config, &hooks, 0).await?;
+        let url = config.url.clone();
         // Fail early, with a clear message, when the server has no JetStream.
         // (Asked raw: async-nats' account type expects fields of newer servers.)
         let no_js = |why: String| {
             BrokerError::Unavailable(format!("NATS at {url} has no usable JetStream (start it with -js): {why}"))
         };
-        match js.request::<_, _, serde_json::Value>("INFO", &serde_json::json!({})).await {
+        match conn.js.request::<_, _, serde_json::Value>("INFO", &serde_json::json!({})).await {
             Ok(info) => {
                 if let Some(error) = info.get("error") {
                     return Err(no_js(error.to_string()));
@@ -734,17 +982,18 @@ impl NatsBroker {
             }
             Err(e) => return Err(no_js(e.to_string())),
         }
-        Ok(NatsBroker {
-            inner: Arc::new(Inner {
-                config,
-                stats,
-                client,
-                js,
-                ensured: Mutex::new(HashSet::new()),
-                connects,
-                connection,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            stats: hooks.stats.clone(),
+            connection: hooks.connection.clone(),
+            config,
+            conn: RwLock::new(conn),
+            hooks,
+            ensured: Mutex::new(HashSet::new()),
+            dead_letters: Mutex::new(HashMap::new()),
+            connects,
+        });
+        tokio::spawn(supervise(Arc::downgrade(&inner), deaths));
+        Ok(NatsBroker { inner })
     }
 
     pub fn config(&self) -> &NatsConfig {
@@ -756,14 +1005,14 @@ impl NatsBroker {
         &self.inner.stats
     }
 
-    /// The underlying client.
-    pub fn client(&self) -> &async_nats::Client {
-        &self.inner.client
+    /// The current client (replaced if its connection task dies).
+    pub fn client(&self) -> async_nats::Client {
+        self.inner.conn().client
     }
 
-    /// The JetStream context (for tools and tests).
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.inner.js
+    /// The JetStream context of the current client (for tools and tests).
+    pub fn jetstream(&self) -> jetstream::Context {
+        self.inner.conn().js
     }
 
     /// The durable name prefix of `group` on `topic` (names end in `_g<N>`).
@@ -777,7 +1026,7 @@ impl NatsBroker {
     pub async fn ack_floor(&self, group: &str, topic: &str) -> Result<Option<u64>, BrokerError> {
         let stream_name = self.inner.config.stream_name(topic);
         let stream =
-            self.inner.js.get_stream_no_info(&stream_name).await.map_err(|e| BrokerError::Other(e.to_string()))?;
+            self.jetstream().get_stream_no_info(&stream_name).await.map_err(|e| BrokerError::Other(e.to_string()))?;
         let base = Self::durable_base(group, topic);
         let gens = list_generations(&stream, &stream_name, &base).await?;
         let Some(&gen) = gens.last() else { return Ok(None) };
@@ -791,7 +1040,7 @@ impl NatsBroker {
     pub async fn delete_topic(&self, topic: &str) -> Result<(), BrokerError> {
         let name = self.inner.config.stream_name(topic);
         self.inner.ensured.lock().unwrap_or_else(|p| p.into_inner()).remove(topic);
-        match self.inner.js.delete_stream(&name).await {
+        match self.jetstream().delete_stream(&name).await {
             Ok(_) => Ok(()),
             Err(e) => match e.kind() {
                 jetstream::context::DeleteStreamErrorKind::JetStream(api) if api.error_code().0 == STREAM_NOT_FOUND => {
@@ -803,14 +1052,30 @@ impl NatsBroker {
     }
 
     async fn ensure(&self, topic: &str) -> Result<(), BrokerError> {
+        self.ensure_stream(topic, false).await
+    }
+
+    /// Makes sure the stream of `topic` exists: a topic's per
+    /// [`NatsConfig::strategy`]; a dead-letter topic's (`dead_letter`) is
+    /// created with [`NatsConfig::dead_letter_stream_config`] whatever the
+    /// strategy (unless `create_dead_letter_streams` is off), and an existing
+    /// one is left as it is.
+    async fn ensure_stream(&self, topic: &str, dead_letter: bool) -> Result<(), BrokerError> {
         if self.inner.ensured.lock().unwrap_or_else(|p| p.into_inner()).contains(topic) {
             return Ok(());
         }
         validate_topic(topic).map_err(|r| config_error("topic", r))?;
         let cfg = &self.inner.config;
         let name = cfg.stream_name(topic);
-        let desired = cfg.stream_config(&name, topic);
-        match self.inner.js.get_stream(&name).await {
+        let desired =
+            if dead_letter { cfg.dead_letter_stream_config(&name, topic) } else { cfg.stream_config(&name, topic) };
+        let strategy = match (dead_letter, cfg.create_dead_letter_streams) {
+            (false, _) => cfg.strategy,
+            (true, true) => StreamStrategy::CreateOnly,
+            (true, false) => StreamStrategy::Existing,
+        };
+        let js = self.jetstream();
+        match js.get_stream(&name).await {
             Ok(mut existing) => {
                 let info = existing.info().await.map_err(|e| BrokerError::Other(format!("stream {name}: {e}")))?;
                 let current = info.config.clone();
@@ -825,7 +1090,7 @@ impl NatsBroker {
                     ));
                 }
                 let own = current.subjects.iter().any(|s| s == topic);
-                if cfg.strategy == StreamStrategy::CreateOrUpdate && own {
+                if strategy == StreamStrategy::CreateOrUpdate && own {
                     let mut wanted = current.clone();
                     wanted.subjects = desired.subjects.clone();
                     wanted.storage = desired.storage;
@@ -840,28 +1105,32 @@ impl NatsBroker {
                     }
                     if wanted != current {
                         tracing::info!(stream = %name, "updating stream configuration");
-                        self.inner.js.update_stream(&wanted).await.map_err(|e| create_stream_error(&name, topic, e))?;
+                        js.update_stream(&wanted).await.map_err(|e| create_stream_error(&name, topic, e))?;
                     }
                 }
             }
             Err(e) => {
                 let missing = matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(api) if api.error_code().0 == STREAM_NOT_FOUND);
                 if !missing {
-                    return Err(BrokerError::Unavailable(format!("looking up stream {name}: {e}")));
+                    return Err(classify(errors::get_stream_failure(&e), format!("looking up stream {name}: {e}")));
                 }
-                if cfg.strategy == StreamStrategy::Existing {
+                if strategy == StreamStrategy::Existing {
+                    let why = if dead_letter {
+                        "nats.create_dead_letter_streams is false"
+                    } else {
+                        "nats.strategy is \"existing\""
+                    };
                     return Err(BrokerError::UnknownTopic(format!(
-                        "{topic} (stream {name:?} does not exist and nats.strategy is \"existing\")"
+                        "{topic} (stream {name:?} does not exist and {why})"
                     )));
                 }
                 tracing::info!(stream = %name, topic, "creating stream");
-                match self.inner.js.create_stream(desired).await {
+                match js.create_stream(desired).await {
                     Ok(_) => {}
                     // Created concurrently by someone else: fine if it holds our subject.
                     Err(e) if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(ref api) if api.error_code().0 == STREAM_NAME_IN_USE) =>
                     {
-                        let info =
-                            self.inner.js.get_stream(&name).await.map_err(|e| BrokerError::Other(e.to_string()))?;
+                        let info = js.get_stream(&name).await.map_err(|e| BrokerError::Other(e.to_string()))?;
                         if !info.cached_info().config.subjects.iter().any(|s| subject_matches(s, topic)) {
                             return Err(create_stream_error(&name, topic, e));
                         }
@@ -874,33 +1143,44 @@ impl NatsBroker {
         Ok(())
     }
 
-    async fn publish_once(&self, msg: &Outbound, headers: HeaderMap) -> Result<Position, (BrokerError, bool)> {
-        let publish = jetstream::message::PublishMessage::build().payload(msg.payload.clone().into()).headers(headers);
-        let topic = &msg.topic;
+    async fn publish_once(
+        &self,
+        topic: &str,
+        payload: bytes::Bytes,
+        headers: HeaderMap,
+    ) -> Result<Position, (BrokerError, bool)> {
+        let publish = jetstream::message::PublishMessage::build().payload(payload).headers(headers);
         let map = |e: jetstream::context::PublishError| {
-            use jetstream::context::PublishErrorKind as K;
-            match e.kind() {
-                K::StreamNotFound => (
-                    BrokerError::Unavailable(format!(
-                        "no JetStream stream took subject {topic:?} (stream missing, or JetStream unavailable)"
-                    )),
-                    true,
-                ),
-                K::TimedOut => {
-                    (BrokerError::Timeout(format!("waiting for the JetStream ack of a publish to {topic:?}")), false)
-                }
-                K::BrokenPipe => {
-                    (BrokerError::Unavailable(format!("publish to {topic:?}: connection lost ({e})")), false)
-                }
-                K::MaxPayloadExceeded => {
-                    (config_error("max_payload", format!("message to {topic:?} is too large: {e}")), false)
-                }
-                _ => (BrokerError::Other(format!("publish to {topic:?}: {e}")), false),
-            }
+            let failure = match errors::publish_failure(&e) {
+                // Whatever it was, the connection is down: retriable.
+                Failure::Unknown if !self.inner.connected() => Failure::Connection,
+                f => f,
+            };
+            // No stream took the subject: it may have been deleted under us.
+            let missing = failure == Failure::NoResponders;
+            let what = if missing {
+                format!("no JetStream stream took subject {topic:?} (stream missing, or JetStream unavailable)")
+            } else {
+                format!("publish to {topic:?}: {e}")
+            };
+            (classify(failure, what), missing)
         };
-        let ack = self.inner.js.send_publish(msg.topic.clone(), publish).await.map_err(map)?.await.map_err(map)?;
+        let ack = self.jetstream().send_publish(topic.to_string(), publish).await.map_err(map)?.await.map_err(map)?;
         Ok(Position { partition: 0, offset: ack.sequence, duplicate: ack.duplicate })
     }
+}
+
+/// The bytes a header map takes on the wire (`NATS/1.0\r\n`, `name: value\r\n`
+/// each, `\r\n`).
+fn header_wire_len(headers: &HeaderMap) -> usize {
+    let mut n = 12;
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        for v in values {
+            n += name.len() + v.as_str().len() + 4;
+        }
+    }
+    n
 }
 
 impl Broker for NatsBroker {
@@ -909,25 +1189,56 @@ impl Broker for NatsBroker {
     async fn publish(&self, msg: Outbound) -> Result<Position, BrokerError> {
         validate_topic(&msg.topic).map_err(|r| config_error("topic", r))?;
         let headers = outbound_headers(&self.inner.config, &msg)?;
+        // Refuse what the server would refuse before anything is copied.
+        let max = self.inner.conn().client.max_payload();
+        let size = msg.payload.len() + header_wire_len(&headers);
+        if max > 0 && size > max {
+            return Err(classify(
+                Failure::TooLarge,
+                format!(
+                    "message to {:?} is {size} bytes with its headers; the server's max_payload is {max}",
+                    msg.topic
+                ),
+            ));
+        }
+        let Outbound { topic, payload, .. } = msg;
+        let payload = bytes::Bytes::from(payload); // moved, not copied; retries share it
         let auto_create = self.inner.config.strategy != StreamStrategy::Existing;
         if auto_create {
-            self.ensure(&msg.topic).await?;
+            self.ensure(&topic).await?;
         }
-        match self.publish_once(&msg, headers.clone()).await {
+        match self.publish_once(&topic, payload.clone(), headers.clone()).await {
             Ok(p) => Ok(p),
             Err((e, stream_missing)) => {
                 if !stream_missing {
                     return Err(e);
                 }
-                self.inner.ensured.lock().unwrap_or_else(|p| p.into_inner()).remove(&msg.topic);
+                self.inner.ensured.lock().unwrap_or_else(|p| p.into_inner()).remove(&topic);
                 if !auto_create {
-                    return Err(BrokerError::UnknownTopic(msg.topic.clone()));
+                    return Err(BrokerError::UnknownTopic(topic));
                 }
                 // The stream was deleted under us: create it and try once more.
-                self.ensure(&msg.topic).await?;
-                self.publish_once(&msg, headers).await.map_err(|(e, _)| e)
+                self.ensure(&topic).await?;
+                self.publish_once(&topic, payload, headers).await.map_err(|(e, _)| e)
             }
         }
+    }
+
+    /// Records `dead_letter` as `source`'s dead-letter topic (the adapter
+    /// dead-letters messages it cannot parse there) and makes sure its
+    /// stream exists: created with [`NatsConfig::dead_letter_stream_config`]
+    /// even with `strategy = "existing"`, unless
+    /// [`NatsConfig::create_dead_letter_streams`] is false. A name NATS
+    /// cannot hold (not a literal subject, a stream name too long) is a
+    /// [`BrokerError::Config`].
+    async fn ensure_dead_letter_topic(&self, source: &str, dead_letter: &str) -> Result<(), BrokerError> {
+        validate_dead_letter_name(&self.inner.config, source, dead_letter)?;
+        self.inner
+            .dead_letters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source.to_string(), dead_letter.to_string());
+        self.ensure_stream(dead_letter, true).await
     }
 
     async fn subscribe(&self, group: &str, topics: &[String]) -> Result<NatsSession, BrokerError> {
@@ -959,7 +1270,7 @@ impl Broker for NatsBroker {
         let mut lags = Vec::with_capacity(topics.len());
         for topic in topics {
             let name = self.inner.config.stream_name(topic);
-            let stream = match self.inner.js.get_stream(&name).await {
+            let stream = match self.jetstream().get_stream(&name).await {
                 Ok(stream) => stream,
                 Err(e) => match e.kind() {
                     jetstream::context::GetStreamErrorKind::JetStream(api)
@@ -1321,6 +1632,18 @@ struct TopicActor {
     reanchor_backoff: Duration,
     /// Confirmed acknowledgements on their way; deliveries go on meanwhile.
     acking: Option<AckTask>,
+    /// A stored message the client cannot parse, being stepped over.
+    quarantine: Option<Quarantine>,
+}
+
+/// A stored message async-nats cannot parse (see `undecodable`): the
+/// durable stops pulling, the message is dead-lettered by the adapter, and
+/// once everything before it is committed a new durable generation starts
+/// right after it. The client never receives it again.
+struct Quarantine {
+    message: undecodable::StoredMessage,
+    reason: String,
+    dead_lettered: bool,
 }
 
 /// A batch of acknowledgements being confirmed, in a task of its own so the
@@ -1354,6 +1677,7 @@ impl TopicActor {
         let inner = broker.inner.clone();
         let stream_name = inner.config.stream_name(topic);
         let stream = inner
+            .conn()
             .js
             .get_stream_no_info(&stream_name)
             .await
@@ -1377,6 +1701,7 @@ impl TopicActor {
             reanchor_at: None,
             reanchor_backoff: Duration::from_millis(50),
             acking: None,
+            quarantine: None,
         };
         let mut committed = 0;
         let start = match gens.last() {
@@ -1416,6 +1741,7 @@ impl TopicActor {
                 StartFrom::New => {
                     let info = actor
                         .inner
+                        .conn()
                         .js
                         .get_stream(&actor.stream_name)
                         .await
@@ -1511,21 +1837,17 @@ impl TopicActor {
     }
 
     /// Moves the durable to a new generation starting at the lowest
-    /// uncommitted sequence; on failure, tries again later.
+    /// uncommitted sequence; on failure, tries again later. First looks at
+    /// the next sequence to pass on: if the client cannot parse that stored
+    /// message (the likely reason the connection or the pull broke), it is
+    /// quarantined instead (see [`Quarantine`]).
     async fn reanchor(&mut self, why: &str) {
         self.messages = None;
-        bump(&self.inner.stats.reanchors);
-        let start = self.ledger.restart_point();
-        tracing::info!(topic = %self.topic, durable = %self.consumer_name, start, reason = why, "re-anchoring the durable");
-        let result = match list_generations(&self.stream, &self.stream_name, &self.base).await {
-            Ok(gens) => {
-                self.gen = self.gen.max(gens.last().copied().unwrap_or(0));
-                self.create_generation(consumer::DeliverPolicy::ByStartSequence { start_sequence: start }, &gens)
-                    .await
-                    .map(|_| ())
-            }
-            Err(e) => Err(e),
-        };
+        // The client may have been replaced: use the current one.
+        if let Ok(stream) = self.inner.conn().js.get_stream_no_info(&self.stream_name).await {
+            self.stream = stream;
+        }
+        let result = self.step_or_reanchor(why).await;
         match result {
             Ok(()) => {
                 self.reanchor_at = None;
@@ -1540,8 +1862,145 @@ impl TopicActor {
         }
     }
 
+    async fn step_or_reanchor(&mut self, why: &str) -> Result<(), BrokerError> {
+        if self.quarantine.is_none() {
+            self.probe().await?;
+        }
+        let start = match &mut self.quarantine {
+            None => self.ledger.restart_point(),
+            Some(q) => {
+                let seq = q.message.seq;
+                if !q.dead_lettered {
+                    let (message, reason) = (q.message.clone(), q.reason.clone());
+                    self.dead_letter_undecodable(&message, &reason).await?;
+                    if let Some(q) = &mut self.quarantine {
+                        q.dead_lettered = true;
+                    }
+                    // Nothing at or above it was passed on; the next to pass is after it.
+                    self.ledger.next_expected = self.ledger.next_expected.max(seq + 1);
+                }
+                if self.ledger.committed < seq && !self.ledger.held.is_empty() {
+                    // Events before it are still being handled: wait for
+                    // their commit (a `Commit` command calls this again).
+                    tracing::debug!(topic = %self.topic, seq, committed = self.ledger.committed, "waiting for the events before the undecodable message");
+                    return Ok(());
+                }
+                if self.inner.config.retention == Retention::WorkQueue {
+                    // A work queue keeps what is unacknowledged: delete it.
+                    undecodable::delete_stored(&self.inner.conn().js, &self.stream_name, seq).await?;
+                }
+                self.ledger.committed = self.ledger.committed.max(seq + 1);
+                seq + 1
+            }
+        };
+        bump(&self.inner.stats.reanchors);
+        tracing::info!(topic = %self.topic, durable = %self.consumer_name, start, reason = why, "re-anchoring the durable");
+        let gens = list_generations(&self.stream, &self.stream_name, &self.base).await?;
+        self.gen = self.gen.max(gens.last().copied().unwrap_or(0));
+        self.create_generation(consumer::DeliverPolicy::ByStartSequence { start_sequence: start }, &gens).await?;
+        if let Some(q) = self.quarantine.take() {
+            tracing::info!(topic = %self.topic, seq = q.message.seq, start, "stepped over the undecodable message");
+        }
+        Ok(())
+    }
+
+    /// Reads the first stored message at or after the next sequence to pass
+    /// on and quarantines it if the client cannot parse it.
+    async fn probe(&mut self) -> Result<(), BrokerError> {
+        let next = self.ledger.next_expected;
+        let Some(message) = undecodable::get_stored(&self.inner.conn().js, &self.stream_name, next).await? else {
+            return Ok(());
+        };
+        if message.header.is_empty() {
+            return Ok(());
+        }
+        if let Some(reason) = undecodable::refusal(&message.header) {
+            bump(&self.inner.stats.undecodable);
+            tracing::error!(
+                topic = %self.topic,
+                seq = message.seq,
+                reason = %reason,
+                "a stored message has headers the NATS client cannot parse; dead-lettering it and moving past it"
+            );
+            self.quarantine = Some(Quarantine { message, reason, dead_lettered: false });
+            // The short connections before this had a known cause, now
+            // removed: the next loss starts the backoff afresh.
+            self.inner.hooks.flap.lock().unwrap_or_else(|p| p.into_inner()).1 = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes `message` to the topic's dead-letter topic with its bytes and
+    /// the standard dead-letter headers; `Nats-Msg-Id` (from its origin)
+    /// keeps a repeated write (after a crash) to one stored copy.
+    async fn dead_letter_undecodable(
+        &self,
+        message: &undecodable::StoredMessage,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        use base64::Engine;
+        let broker = NatsBroker { inner: self.inner.clone() };
+        let dead_letter = self.inner.dead_letter_of(&self.topic);
+        broker.ensure_stream(&dead_letter, true).await?;
+        let mut headers: Headers = vec![
+            (DLQ_REASON.into(), REASON_UNDECODABLE_HEADERS.as_bytes().to_vec()),
+            (DLQ_ERROR.into(), format!("the NATS client cannot parse its headers: {reason}").into_bytes()),
+            (DLQ_ATTEMPTS.into(), b"0".to_vec()),
+            (DLQ_ORIGIN_TOPIC.into(), self.topic.as_bytes().to_vec()),
+            (DLQ_ORIGIN_PARTITION.into(), b"0".to_vec()),
+            (DLQ_ORIGIN_OFFSET.into(), message.seq.to_string().into_bytes()),
+            (HEADER_ORIGIN_SUBJECT.into(), message.subject.as_bytes().to_vec()),
+        ];
+        let raw = base64::engine::general_purpose::STANDARD.encode(&message.header);
+        let mut full = headers.clone();
+        full.push((HEADER_RAW_HEADERS.into(), raw.into_bytes()));
+        let outbound =
+            Outbound { topic: dead_letter.clone(), key: None, headers: full, payload: message.payload.clone() };
+        let result = match broker.publish(outbound).await {
+            Err(BrokerError::Refused(why)) => {
+                // Too large with its bytes: the dead letter says so; the
+                // message itself stays in the origin stream at its sequence.
+                headers.push((DLQ_PAYLOAD_OMITTED.into(), why.into_bytes()));
+                broker.publish(Outbound { topic: dead_letter.clone(), key: None, headers, payload: Vec::new() }).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(position) => {
+                metrics::counter!(
+                    crate::telemetry::DEAD_LETTERED,
+                    "topic" => self.topic.to_string(),
+                    "reason" => REASON_UNDECODABLE_HEADERS
+                )
+                .increment(u64::from(!position.duplicate));
+                tracing::warn!(
+                    topic = %self.topic,
+                    partition = 0,
+                    offset = message.seq,
+                    dead_letter = %dead_letter,
+                    duplicate = position.duplicate,
+                    reason = REASON_UNDECODABLE_HEADERS,
+                    "dead-lettered a message the NATS client cannot parse"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(
+                    topic = %self.topic,
+                    partition = 0,
+                    offset = message.seq,
+                    dead_letter = %dead_letter,
+                    reason = REASON_UNDECODABLE_HEADERS,
+                    error = %e,
+                    "cannot write the dead letter of an undecodable message; the topic waits and retries"
+                );
+                Err(e)
+            }
+        }
+    }
+
     fn connected(&self) -> bool {
-        self.inner.client.connection_state() == async_nats::connection::State::Connected
+        self.inner.connected()
     }
 
     async fn run(
@@ -1559,6 +2018,9 @@ impl TopicActor {
                     Some(Command::Commit(next)) => {
                         self.ledger.commit(next);
                         self.start_acks();
+                        if self.quarantine.as_ref().is_some_and(|q| q.dead_lettered) && self.reanchor_at.is_none() {
+                            self.reanchor("stepping over an undecodable message").await;
+                        }
                     }
                     Some(Command::Close(done)) => {
                         self.flush_acks().await;
@@ -1571,6 +2033,11 @@ impl TopicActor {
                     if changed.is_err() {
                         watching_connects = false;
                         continue;
+                    }
+                    // What the client parsed before the connection broke is
+                    // passed on first, so the probe looks right behind it.
+                    if !self.drain_buffered(&events).await {
+                        break;
                     }
                     // Deliveries in flight during the outage may be lost.
                     self.reanchor("reconnected").await;
@@ -1608,6 +2075,23 @@ impl TopicActor {
                 },
             }
         }
+    }
+
+    /// Handles the deliveries the old pull already holds; false when the
+    /// session is gone.
+    async fn drain_buffered(&mut self, events: &mpsc::UnboundedSender<SessionEvent>) -> bool {
+        use futures::FutureExt;
+        while let Some(messages) = self.messages.as_mut() {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(msg))) => {
+                    if !self.on_message(msg, events).await {
+                        return false;
+                    }
+                }
+                _ => break,
+            }
+        }
+        true
     }
 
     /// Handles one delivery; false when the session is gone.
@@ -1677,7 +2161,7 @@ impl TopicActor {
         if self.acking.is_some() || self.ledger.to_ack.is_empty() || !self.connected() {
             return;
         }
-        let client = self.inner.client.clone();
+        let client = self.inner.conn().client;
         let timeout = self.inner.config.ack_timeout;
         let gen = self.gen;
         let batch: Vec<(u64, Subject)> = self.ledger.to_ack.iter().map(|(s, subj)| (*s, subj.clone())).collect();
@@ -1735,8 +2219,9 @@ impl TopicActor {
             return;
         }
         let wpi: bytes::Bytes = jetstream::AckKind::Progress.into();
+        let client = self.inner.conn().client;
         for subject in self.ledger.held_acks() {
-            if let Err(e) = self.inner.client.publish(subject.clone(), wpi.clone()).await {
+            if let Err(e) = client.publish(subject.clone(), wpi.clone()).await {
                 tracing::debug!(topic = %self.topic, error = %e, "progress ack failed");
                 break;
             }
@@ -1869,6 +2354,66 @@ mod tests {
             let expected: Vec<u64> = (1..=n).filter(exists).collect();
             proptest::prop_assert_eq!(passed, expected);
         }
+    }
+
+    #[test]
+    fn reconnects_back_off_per_attempt_and_per_short_connection_with_a_cap() {
+        let max = Duration::from_secs(2);
+        assert_eq!(reconnect_delay(1, 0, max), Duration::from_millis(10));
+        assert_eq!(reconnect_delay(3, 0, max), Duration::from_millis(40));
+        // A connection that dropped right after it was made: each one in a
+        // row doubles the first attempt's pause.
+        assert_eq!(reconnect_delay(1, 1, max), Duration::from_millis(20));
+        assert_eq!(reconnect_delay(1, 5, max), Duration::from_millis(320));
+        assert_eq!(reconnect_delay(1, 1000, max), max);
+        assert_eq!(reconnect_delay(usize::MAX, u32::MAX, max), max);
+        // Flapping forever: at most one reconnect per `max` after the ramp.
+        let ramp: Duration = (0..20).map(|f| reconnect_delay(1, f, max)).sum();
+        assert!(ramp >= Duration::from_secs(20), "{ramp:?}");
+    }
+
+    #[test]
+    fn dead_letters_carry_a_message_id_from_their_origin() {
+        let cfg = NatsConfig::default();
+        let env = Envelope::new("order-1", "Created", 3, &serde_json::json!({"a": 1})).unwrap();
+        let origin = |offset: &str| Outbound {
+            topic: "orders.dlq".into(),
+            key: None,
+            headers: vec![
+                (DLQ_ERROR.into(), format!("attempt {offset}").into_bytes()),
+                (DLQ_ORIGIN_TOPIC.into(), b"orders".to_vec()),
+                (DLQ_ORIGIN_PARTITION.into(), b"0".to_vec()),
+                (DLQ_ORIGIN_OFFSET.into(), offset.as_bytes().to_vec()),
+            ],
+            payload: env.encode().unwrap(),
+        };
+        let id = |m: &Outbound| outbound_headers(&cfg, m).unwrap().get(HEADER_MSG_ID).unwrap().as_str().to_string();
+        assert_eq!(id(&origin("7")), "dlq:orders:0:7");
+        assert_ne!(id(&origin("7")), id(&origin("8")));
+        let off = NatsConfig { dedup: Dedup::Off, ..NatsConfig::default() };
+        assert!(outbound_headers(&off, &origin("7")).unwrap().get(HEADER_MSG_ID).is_none());
+    }
+
+    #[test]
+    fn dead_letter_names_nats_cannot_hold_are_config_errors() {
+        let cfg = NatsConfig::default();
+        assert!(validate_dead_letter_name(&cfg, "orders", "orders.dlq").is_ok());
+        assert!(validate_dead_letter_name(&cfg, "orders", "orders-dlq").is_ok());
+        for bad in ["orders dlq", "orders.*", "orders.>", "orders..dlq", "orders", ""] {
+            let err = validate_dead_letter_name(&cfg, "orders", bad).unwrap_err();
+            assert!(
+                matches!(err, BrokerError::Config { ref key, .. } if key == "consumer.dead_letter_suffix"),
+                "{bad:?}"
+            );
+        }
+        let long = format!("{}.dlq", "o".repeat(MAX_STREAM_NAME));
+        assert!(validate_dead_letter_name(&cfg, "orders", &long).is_err());
+        // `orders.dlq` and `orders_dlq` share a stream name.
+        let cfg2 = NatsConfig::default();
+        assert!(validate_dead_letter_name(&cfg2, "orders_dlq", "orders.dlq").is_err());
+        let wild = NatsConfig { wildcard_subjects: true, ..NatsConfig::default() };
+        assert!(validate_dead_letter_name(&wild, "orders", "orders.dlq").is_err());
+        assert!(validate_dead_letter_name(&wild, "orders", "orders-dlq").is_ok());
     }
 
     #[test]
