@@ -12,7 +12,7 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use super::{ConsumerConfig, ConsumerStats, Handler};
-use crate::broker::{Broker, BrokerError, Delivery, Outbound};
+use crate::broker::{Broker, BrokerError, Delivery, Outbound, REASON_TOO_LARGE, REASON_UNDECODABLE_HEADERS};
 use crate::envelope::{aggregate_id_from, Envelope, HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_TRACE_ID};
 use crate::pool::{panic_message, HandlerPanicked, HandlerResult, Key, Outcome, Step, Task};
 use crate::telemetry::TopicMetrics;
@@ -67,6 +67,31 @@ pub(super) fn build<B: Broker>(
     delivery: Delivery,
     reply: impl FnOnce(Outcome) + Send + 'static,
 ) -> Task {
+    // The adapter could not pass the record on as its producer wrote it
+    // (header bytes it cannot represent, a payload over the size limit): it
+    // goes to the dead letter with what the adapter kept, in its aggregate's
+    // place, and the handler never sees it.
+    if let Some(reason) = delivery.undeliverable() {
+        let reason: &'static str = if reason == REASON_UNDECODABLE_HEADERS {
+            REASON_UNDECODABLE_HEADERS
+        } else if reason == REASON_TOO_LARGE {
+            REASON_TOO_LARGE
+        } else {
+            "undeliverable"
+        };
+        let detail = delivery.undeliverable_detail().unwrap_or_default();
+        let key = match &handler {
+            Handler::Envelope(_, encoding) => {
+                let decoded = Envelope::decode_with(&delivery.payload, *encoding);
+                aggregate_id_from(decoded.as_ref().ok(), &delivery.headers, delivery.key.as_deref(), None)
+                    .map(|id| Key::from(id.id))
+            }
+            Handler::Raw(_) => None,
+        };
+        let span = handle_span(&delivery, None, key.as_deref());
+        let letter = DeadLetter::new(ctx, &delivery, reason, &detail, 0);
+        return Task::stepped(key, letter.publish(span), reply);
+    }
     match handler {
         Handler::Raw(h) => {
             let span = handle_span(&delivery, None, None);
