@@ -13,6 +13,8 @@ pub mod callbacks;
 pub mod health;
 pub mod observer;
 pub mod bus;
+pub mod settings;
+#[cfg(feature = "testing")]
 pub mod checker;
 pub mod telemetry;
 #[cfg(feature = "planted-bugs")]
@@ -25,6 +27,7 @@ pub use broker::{
 };
 pub use backlog::{BacklogEvent, BacklogSource};
 pub use bus::{BusConfig, EventBus};
+pub use settings::{BrokerConfig, BrokerKind};
 pub use callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
 pub use health::HealthReport;
 pub use envelope::Envelope;
