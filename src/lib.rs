@@ -27,7 +27,7 @@ pub use broker::{
 };
 pub use backlog::{BacklogEvent, BacklogSource};
 pub use bus::{BusConfig, EventBus};
-pub use settings::{BrokerConfig, BrokerKind};
+pub use settings::{BrokerConfig, BrokerKind, Secret};
 pub use callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
 pub use health::HealthReport;
 pub use envelope::Envelope;

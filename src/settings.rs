@@ -77,6 +77,12 @@ impl BrokerConfig {
 pub const ENV_BROKER: &str = "EVENTBUS_BROKER";
 /// `EVENTBUS_NATS_URL`: overrides `broker.nats.url` (comma-separated server URLs).
 pub const ENV_NATS_URL: &str = "EVENTBUS_NATS_URL";
+/// `EVENTBUS_NATS_USER`: overrides `broker.nats.user` (with `EVENTBUS_NATS_PASSWORD`).
+pub const ENV_NATS_USER: &str = "EVENTBUS_NATS_USER";
+/// `EVENTBUS_NATS_PASSWORD`: overrides `broker.nats.password`.
+pub const ENV_NATS_PASSWORD: &str = "EVENTBUS_NATS_PASSWORD";
+/// `EVENTBUS_NATS_TOKEN`: overrides `broker.nats.token`.
+pub const ENV_NATS_TOKEN: &str = "EVENTBUS_NATS_TOKEN";
 /// `EVENTBUS_KAFKA_BROKERS`: overrides `broker.kafka.brokers` (`host:port`, comma-separated).
 pub const ENV_KAFKA_BROKERS: &str = "EVENTBUS_KAFKA_BROKERS";
 /// `EVENTBUS_KAFKA_SECURITY_PROTOCOL`: sets the librdkafka property `security.protocol`.
@@ -95,6 +101,9 @@ pub const ENV_KAFKA_SASL_PASSWORD: &str = "EVENTBUS_KAFKA_SASL_PASSWORD";
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     (ENV_BROKER, "broker.kind"),
     (ENV_NATS_URL, "broker.nats.url"),
+    (ENV_NATS_USER, "broker.nats.user"),
+    (ENV_NATS_PASSWORD, "broker.nats.password"),
+    (ENV_NATS_TOKEN, "broker.nats.token"),
     (ENV_KAFKA_BROKERS, "broker.kafka.brokers"),
     (ENV_KAFKA_SECURITY_PROTOCOL, "broker.kafka.properties.\"security.protocol\""),
     (ENV_KAFKA_SASL_MECHANISM, "broker.kafka.properties.\"sasl.mechanism\""),
@@ -129,8 +138,20 @@ impl BusConfig {
             self.broker.kind = parse_kind(&kind)?;
         }
         #[cfg(feature = "nats")]
-        if let Some(url) = var(ENV_NATS_URL) {
-            self.broker.nats.url = url;
+        {
+            let nats = &mut self.broker.nats;
+            if let Some(url) = var(ENV_NATS_URL) {
+                nats.url = url;
+            }
+            if let Some(user) = var(ENV_NATS_USER) {
+                nats.user = Some(user);
+            }
+            if let Some(password) = var(ENV_NATS_PASSWORD) {
+                nats.password = Some(Secret(password));
+            }
+            if let Some(token) = var(ENV_NATS_TOKEN) {
+                nats.token = Some(Secret(token));
+            }
         }
         #[cfg(feature = "kafka")]
         {
@@ -184,5 +205,29 @@ impl fmt::Display for BrokerKind {
             #[cfg(feature = "kafka")]
             BrokerKind::Kafka => "kafka",
         })
+    }
+}
+
+/// A credential in a configuration (a password, a token): read and written
+/// like a string, shown as `***` by `Debug`, so a logged configuration does
+/// not leak it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The credential itself, for the client that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use eventbus::broker::kafka::OffsetReset;
 use eventbus::bus::ConfigError;
 use eventbus::settings::ENV_OVERRIDES;
-use eventbus::{BrokerError, BrokerKind, BusConfig, Envelope, EventBus, MemoryBroker};
+use eventbus::{BrokerError, BrokerKind, BusConfig, Envelope, EventBus, MemoryBroker, Secret};
 
 fn example_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/eventbus.example.toml")
@@ -61,6 +61,9 @@ fn environment_overrides_urls_and_credentials() {
         env(&[
             ("EVENTBUS_BROKER", "kafka"),
             ("EVENTBUS_NATS_URL", "nats://nats-1:4222,nats://nats-2:4222"),
+            ("EVENTBUS_NATS_USER", "billing-svc"),
+            ("EVENTBUS_NATS_PASSWORD", "nats-s3cret"),
+            ("EVENTBUS_NATS_TOKEN", "t0ken"),
             ("EVENTBUS_KAFKA_BROKERS", "kafka-1:9093,kafka-2:9093"),
             ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
             ("EVENTBUS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
@@ -71,6 +74,13 @@ fn environment_overrides_urls_and_credentials() {
     .expect("valid with the overrides");
     assert_eq!(config.broker.kind, BrokerKind::Kafka);
     assert_eq!(config.broker.nats.url, "nats://nats-1:4222,nats://nats-2:4222");
+    let nats = &config.broker.nats;
+    assert_eq!(nats.user.as_deref(), Some("billing-svc"));
+    assert_eq!(nats.password.as_ref().map(Secret::expose), Some("nats-s3cret"));
+    assert_eq!(nats.token.as_ref().map(Secret::expose), Some("t0ken"));
+    // A logged configuration does not show the NATS credentials.
+    let shown = format!("{nats:?}");
+    assert!(!shown.contains("nats-s3cret") && !shown.contains("t0ken") && shown.contains("***"), "{shown}");
     assert_eq!(config.broker.kafka.brokers, "kafka-1:9093,kafka-2:9093");
     let property = |k: &str| config.broker.kafka.properties.get(k).map(String::as_str);
     assert_eq!(property("security.protocol"), Some("sasl_ssl"));
@@ -109,6 +119,12 @@ fn a_bad_override_or_adapter_setting_is_a_typed_error_naming_the_key() {
     match BusConfig::from_toml_with_env(bad_nats, env(&[])) {
         Err(ConfigError::Broker(BrokerError::Config { key, .. })) => assert_eq!(key, "nats.ack_wait"),
         other => panic!("expected Broker(Config nats.ack_wait), got {other:?}"),
+    }
+    // A NATS user needs its password.
+    let no_password = "[broker]\nkind = \"nats\"\n";
+    match BusConfig::from_toml_with_env(no_password, env(&[("EVENTBUS_NATS_USER", "billing-svc")])) {
+        Err(ConfigError::Broker(BrokerError::Config { key, .. })) => assert_eq!(key, "nats.user"),
+        other => panic!("expected Broker(Config nats.user), got {other:?}"),
     }
     let bad_kafka = "[broker]\nkind = \"kafka\"\n[broker.kafka.properties]\n\"enable.auto.commit\" = \"true\"\n";
     assert!(matches!(
@@ -168,4 +184,86 @@ async fn a_memory_service_runs_from_one_file() {
     assert_eq!(bus.broker().partitions("settings-orders"), Some(5), "the topic has broker.memory's partitions");
     assert_eq!(bus.config().consumer.group, "settings-memory");
     bus.close().await;
+}
+
+/// A nats-server of this test's own, with JetStream and a user and password,
+/// on a free loopback port; killed when dropped.
+struct AuthServer {
+    child: std::process::Child,
+    url: String,
+    _store: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for AuthServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nats_server_binary() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path.into_iter().chain([PathBuf::from("/usr/sbin/nats-server")]).find(|p| p.is_file())
+}
+
+fn start_auth_server(binary: &std::path::Path, user: &str, password: &str) -> AuthServer {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = TempDir(std::env::temp_dir().join(format!("eventbus-settings-nats-{}-{port}", std::process::id())));
+    std::fs::create_dir_all(&store.0).unwrap();
+    let child = std::process::Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&store.0)
+        .args(["--user", user, "--pass", password])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nats-server");
+    let server = AuthServer { child, url: format!("nats://127.0.0.1:{port}"), _store: store };
+    // Ready when it accepts connections (bounded: 10 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nats-server did not listen on {port} within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// The NATS credentials of the environment reach the server: with them the
+/// adapter connects, with a wrong password or none it is refused.
+#[tokio::test]
+async fn nats_credentials_from_the_environment_reach_the_server() {
+    use eventbus::broker::nats::NatsBroker;
+    let Some(binary) = nats_server_binary() else {
+        eprintln!(
+            "SKIPPED nats_credentials_from_the_environment_reach_the_server: no nats-server binary \
+             (apt-get install nats-server; .ci/run installs it)"
+        );
+        return;
+    };
+    let server = start_auth_server(&binary, "billing-svc", "nats-s3cret");
+    let config_with = |vars: &[(&str, &str)]| {
+        let mut vars = vars.to_vec();
+        vars.push(("EVENTBUS_NATS_URL", server.url.as_str()));
+        let mut config = BusConfig::from_toml_with_env("[broker]\nkind = \"nats\"\n", env(&vars)).unwrap();
+        config.broker.nats.connect_timeout = Duration::from_secs(3);
+        config.broker.nats
+    };
+
+    let good = config_with(&[("EVENTBUS_NATS_USER", "billing-svc"), ("EVENTBUS_NATS_PASSWORD", "nats-s3cret")]);
+    let broker = NatsBroker::connect(good).await.expect("the right credentials connect");
+    drop(broker);
+
+    let wrong = config_with(&[("EVENTBUS_NATS_USER", "billing-svc"), ("EVENTBUS_NATS_PASSWORD", "wrong")]);
+    assert!(NatsBroker::connect(wrong).await.is_err(), "a wrong password is refused");
+    assert!(NatsBroker::connect(config_with(&[])).await.is_err(), "no credentials are refused");
 }

@@ -215,6 +215,12 @@ pub struct NatsConfig {
     /// Longest pause between reconnect attempts.
     #[serde(with = "crate::config::millis")]
     pub max_reconnect_delay: Duration,
+    /// User of user/password authentication, with `password` (`EVENTBUS_NATS_USER`).
+    pub user: Option<String>,
+    /// Password of `user` (`EVENTBUS_NATS_PASSWORD`).
+    pub password: Option<crate::settings::Secret>,
+    /// Token authentication (`EVENTBUS_NATS_TOKEN`).
+    pub token: Option<crate::settings::Secret>,
 }
 
 impl Default for NatsConfig {
@@ -245,6 +251,9 @@ impl Default for NatsConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             max_reconnect_delay: Duration::from_secs(2),
+            user: None,
+            password: None,
+            token: None,
         }
     }
 }
@@ -284,6 +293,9 @@ impl NatsConfig {
     pub fn validate(&self) -> Result<(), BrokerError> {
         if self.url.trim().is_empty() {
             return Err(config_error("url", "must not be empty"));
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err(config_error("user", "user and password go together: set both or neither"));
         }
         if self.ack_wait < Duration::from_millis(100) {
             return Err(config_error("ack_wait", "must be at least 100 ms"));
@@ -703,6 +715,14 @@ impl NatsBroker {
                     }
                 }
             });
+        let options = match (&config.user, &config.password) {
+            (Some(user), Some(password)) => options.user_and_password(user.clone(), password.expose().to_owned()),
+            _ => options,
+        };
+        let options = match &config.token {
+            Some(token) => options.token(token.expose().to_owned()),
+            None => options,
+        };
         let client = match tokio::time::timeout(config.connect_timeout, options.connect(url.as_str())).await {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => return Err(BrokerError::Unavailable(format!("cannot connect to NATS at {url}: {e}"))),
