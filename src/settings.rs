@@ -14,9 +14,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::broker::memory::MemoryConfig;
 #[cfg(feature = "kafka")]
 use crate::broker::kafka::KafkaConfig;
+use crate::broker::memory::MemoryConfig;
 #[cfg(feature = "nats")]
 use crate::broker::nats::NatsConfig;
 use crate::bus::{BusConfig, ConfigError};

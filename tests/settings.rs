@@ -177,9 +177,12 @@ async fn a_memory_service_runs_from_one_file() {
     .await
     .unwrap();
     bus.start().await.unwrap();
-    bus.publish_envelope("settings-orders", &Envelope::new("order-1", "OrderPlaced", 1, &serde_json::json!({})).unwrap())
-        .await
-        .unwrap();
+    bus.publish_envelope(
+        "settings-orders",
+        &Envelope::new("order-1", "OrderPlaced", 1, &serde_json::json!({})).unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(rx.recv().await.as_deref(), Some("order-1"));
     assert_eq!(bus.broker().partitions("settings-orders"), Some(5), "the topic has broker.memory's partitions");
     assert_eq!(bus.config().consumer.group, "settings-memory");
