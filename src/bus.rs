@@ -18,9 +18,10 @@ use crate::envelope::{Envelope, EnvelopeError, PayloadEncoding};
 use crate::health::{self, HealthReport, MonitorStatus, PoolStatus, PublisherStatus};
 use crate::observer::{ObservabilityConfig, Observed, Observer};
 use crate::pool::{HandlerResult, Pool, PoolConfig, Stats};
+use crate::settings::BrokerConfig;
 
-/// Everything a bus is configured with; deserializable from TOML, YAML or
-/// environment-shaped maps. Durations are in milliseconds.
+/// Everything a bus is configured with; deserializable from TOML (and YAML
+/// with the `yaml` feature). Durations are in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
@@ -34,6 +35,8 @@ pub struct BusConfig {
     pub observability: ObservabilityConfig,
     /// How envelope payloads are written and read (`docs/wire.md`).
     pub wire: WireConfig,
+    /// The broker adapter and its settings (`[broker]`; see [`crate::settings`]).
+    pub broker: BrokerConfig,
 }
 
 /// The envelope payload encoding, bus-wide with per-topic overrides
@@ -88,10 +91,16 @@ pub const MAX_CONCURRENCY: usize = 65_536;
 pub enum ConfigError {
     #[error("invalid TOML configuration: {0}")]
     Toml(#[from] toml::de::Error),
+    #[cfg(feature = "yaml")]
     #[error("invalid YAML configuration: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] yaml_serde::Error),
     #[error("invalid configuration {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// The selected broker adapter's settings are invalid (`BrokerError::Config`, naming the key).
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
 }
 
 impl BusConfig {
@@ -101,8 +110,10 @@ impl BusConfig {
         Ok(config)
     }
 
+    /// Reads a YAML configuration (feature `yaml`) and validates it.
+    #[cfg(feature = "yaml")]
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let config: BusConfig = serde_yaml::from_str(text)?;
+        let config: BusConfig = yaml_serde::from_str(text)?;
         config.validate()?;
         Ok(config)
     }
@@ -129,7 +140,8 @@ impl BusConfig {
         if self.consumer.commit_interval.is_zero() {
             return invalid("consumer.commit_interval", "must be positive");
         }
-        self.observability.validate()
+        self.observability.validate()?;
+        self.broker.validate()
     }
 }
 

@@ -1,4 +1,7 @@
-//! The order checker shared by tests, the simulator and the benchmarks.
+//! The order checker of the crate's tests and of `eventbus demo` / `eventbus
+//! bench` (the `eventbus-cli` crate). Test support, not service API: it
+//! exists only with the `testing` feature. (The simulator in `sim/` has its
+//! own checker, over its recorded history.)
 //!
 //! Every read and update of an aggregate's state happens under one lock in
 //! one call, so the checker cannot invent violations the way the seed's

@@ -256,7 +256,10 @@ impl PartialEq for Envelope {
 
 /// Go's zero `time.Time`, `0001-01-01T00:00:00Z`: the timestamp of an
 /// envelope read without one (missing or `null`).
-pub const GO_ZERO_TIME: OffsetDateTime = time::macros::datetime!(0001-01-01 00:00:00 UTC);
+pub const GO_ZERO_TIME: OffsetDateTime = match time::Date::from_calendar_date(1, time::Month::January, 1) {
+    Ok(date) => date.midnight().assume_utc(),
+    Err(_) => panic!("0001-01-01 is a valid date"),
+};
 
 /// The engine Go's `base64.StdEncoding` is: standard alphabet, padding
 /// required, non-zero trailing bits tolerated.

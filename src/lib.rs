@@ -13,6 +13,8 @@ pub mod callbacks;
 pub mod health;
 pub mod observer;
 pub mod bus;
+pub mod settings;
+#[cfg(feature = "testing")]
 pub mod checker;
 pub mod telemetry;
 #[cfg(feature = "planted-bugs")]
@@ -25,6 +27,8 @@ pub use broker::{
 };
 pub use backlog::{BacklogEvent, BacklogSource};
 pub use bus::{BusConfig, EventBus};
+pub use broker::secret::Secret;
+pub use settings::{BrokerConfig, BrokerKind};
 pub use callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
 pub use health::HealthReport;
 pub use envelope::{Envelope, PayloadEncoding};

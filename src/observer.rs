@@ -51,8 +51,10 @@ impl ObservabilityConfig {
         Ok(config)
     }
 
+    /// Reads the section from YAML (feature `yaml`) and validates it.
+    #[cfg(feature = "yaml")]
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let config: ObservabilityConfig = serde_yaml::from_str(text)?;
+        let config: ObservabilityConfig = yaml_serde::from_str(text)?;
         config.validate()?;
         Ok(config)
     }

@@ -626,6 +626,7 @@ fn check_config(parsed: Result<BusConfig, ConfigError>, yaml: bool) -> Result<()
             prop_assert!(VALIDATED_KEYS.contains(&key), "unexpected key {}", key);
             prop_assert!(!reason.is_empty());
         }
+        Err(e @ (ConfigError::Broker(_) | ConfigError::Read { .. })) => prop_assert!(false, "no [broker] section, no file: {}", e),
     }
     Ok(())
 }

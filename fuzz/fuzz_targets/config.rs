@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     if let Some(config) = check(BusConfig::from_yaml(text), "yaml") {
-        let written = serde_yaml::to_string(&config).expect("an accepted config writes as YAML");
+        let written = yaml_serde::to_string(&config).expect("an accepted config writes as YAML");
         let again = BusConfig::from_yaml(&written).expect("written YAML reads back");
         assert_eq!(
             again, config,

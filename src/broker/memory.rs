@@ -23,7 +23,7 @@ use super::{
 };
 
 /// Settings of a [`MemoryBroker`].
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
     /// Partitions of a topic created implicitly by a publish or subscribe.

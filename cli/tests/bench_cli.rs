@@ -1,4 +1,3 @@
-#![cfg(not(feature = "loom"))]
 //! The `eventbus bench` command line on the memory broker, run as a user
 //! would. It checks what the bench reports and writes, never its timings.
 

@@ -1,4 +1,3 @@
-#![cfg(not(feature = "loom"))]
 //! The `eventbus demo` command line, run as a user would.
 
 use std::path::PathBuf;
