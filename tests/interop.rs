@@ -884,13 +884,12 @@ mod kafka {
             Mock { owner, servers }
         }
 
+        /// The topic and its dead-letter topic (the mock cluster has no
+        /// CreateTopics; the consumer checks the dead-letter topic at start).
         fn create_topic(&self, topic: &str) {
-            self.owner
-                .client()
-                .mock_cluster()
-                .unwrap()
-                .create_topic(topic, 1, 1)
-                .expect("mock topic");
+            let cluster = self.owner.client().mock_cluster().unwrap();
+            cluster.create_topic(topic, 1, 1).expect("mock topic");
+            cluster.create_topic(&format!("{topic}.dlq"), 1, 1).expect("mock dead-letter topic");
         }
     }
 
