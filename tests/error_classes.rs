@@ -13,7 +13,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,54 +20,7 @@ use std::time::Duration;
 use common::{fast_config, publish_versions, Progress};
 use eventbus::telemetry as t;
 use eventbus::{Broker, BrokerError, Envelope, ErrorClass, EventBus, MemoryBroker, TopicPartition};
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
-use metrics_util::registry::{AtomicStorage, Registry};
-
-/// A recorder whose values can be read at any time (as in tests/metrics.rs).
-#[derive(Clone)]
-struct Values(Arc<Registry<Key, AtomicStorage>>);
-
-impl metrics::Recorder for Values {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        self.0.get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
-    }
-
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        self.0.get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
-    }
-
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        self.0.get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
-    }
-}
-
-impl Values {
-    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let labels: Vec<metrics::Label> =
-            labels.iter().map(|(k, v)| metrics::Label::new(k.to_string(), v.to_string())).collect();
-        let key = Key::from_parts(name.to_string(), labels);
-        self.0.get_counter_handles().get(&key).map_or(0, |c| c.load(Ordering::SeqCst))
-    }
-}
-
-fn paused_with_recorder<F: Future<Output = ()>>(test: impl FnOnce(Values) -> F) {
-    let values = Values(Arc::new(Registry::atomic()));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
-    metrics::with_local_recorder(&values, || rt.block_on(test(values.clone())));
-}
-
-/// Waits (virtual time) until `cond` holds, for at most `limit`.
-async fn until(limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = tokio::time::Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "condition not met within {limit:?} (virtual)");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
+use common::recorder::{paused_with_recorder, until};
 
 /// Handled (aggregate, version) pairs, in handling order.
 type Seen = Arc<Mutex<Vec<(String, i64)>>>;
@@ -169,13 +121,13 @@ fn retriable_errors_back_off_and_the_consumer_goes_on() {
         assert!(took < Duration::from_secs(10), "and no longer than the capped backoff: {took:?}");
         let stats = bus.consumer_stats().await.unwrap();
         assert_eq!(stats.session_errors.load(Ordering::SeqCst), 5);
-        assert_eq!(values.counter(t::SESSION_ERRORS, &[("error", "unavailable")]), 3);
-        assert_eq!(values.counter(t::SESSION_ERRORS, &[("error", "timeout")]), 1);
-        assert_eq!(values.counter(t::SESSION_ERRORS, &[("error", "full")]), 1);
+        assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "unavailable")]), 3);
+        assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "timeout")]), 1);
+        assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "full")]), 1);
         // The poison event's dead letter waits for the broker, then lands.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(broker.read_topic("orders.dlq").is_empty());
-        assert!(values.counter(t::DEAD_LETTER_FAILED, &[("topic", "orders"), ("error", "unavailable")]) >= 2);
+        assert!(values.counter_or_zero(t::DEAD_LETTER_FAILED, &[("topic", "orders"), ("error", "unavailable")]) >= 2);
         broker.fail_publishes("orders.dlq", None);
         until(Duration::from_secs(10), || broker.read_topic("orders.dlq").len() == 1).await;
         let ends: Vec<(TopicPartition, u64)> =
@@ -222,9 +174,9 @@ fn permanent_errors_back_off_are_counted_and_nothing_is_given_up() {
         let stats = bus.consumer_stats().await.unwrap();
         assert_eq!(stats.session_errors.load(Ordering::SeqCst), 3);
         assert_eq!(stats.commit_errors.load(Ordering::SeqCst), 2, "each refused commit counted, then retried");
-        assert_eq!(values.counter(t::SESSION_ERRORS, &[("error", "other")]), 2);
-        assert_eq!(values.counter(t::SESSION_ERRORS, &[("error", "unauthorized")]), 1);
-        assert_eq!(values.counter(t::COMMIT_ERRORS, &[]), 2);
+        assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "other")]), 2);
+        assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "unauthorized")]), 1);
+        assert_eq!(values.counter_or_zero(t::COMMIT_ERRORS, &[]), 2);
         assert!(bus.health().ready());
         assert_eq!(bus.close().await.handed_back, 0);
         assert_eq!(check_order(&seen.lock().unwrap(), 5, 4), 0);
@@ -269,9 +221,9 @@ fn fatal_session_error_rebuilds_the_session() {
         assert_eq!(broker.members("fatal"), 1);
         let stats = bus.consumer_stats().await.unwrap();
         assert_eq!(stats.session_rebuilds.load(Ordering::SeqCst), 1);
-        assert_eq!(values.counter(t::SESSION_REBUILDS, &[]), 1);
-        assert_eq!(values.counter(t::SESSION_ERRORS, &[("error", "session_failed")]), 1);
-        assert_eq!(values.counter(t::SESSION_ERRORS, &[("error", "unavailable")]), 3);
+        assert_eq!(values.counter_or_zero(t::SESSION_REBUILDS, &[]), 1);
+        assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "session_failed")]), 1);
+        assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "unavailable")]), 3);
 
         // The new session goes on: more events, all handled in order.
         let mut expected = 3;

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
@@ -25,8 +24,7 @@ use eventbus::telemetry as t;
 use eventbus::{Broker, BrokerError, BusConfig, Envelope, EventBus, MemoryBroker, TopicPartition};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
-use metrics_util::registry::{AtomicStorage, Registry};
+use common::recorder::{paused_with_recorder, until};
 
 const INTENTIONAL_PANIC: &str = "intentional test panic";
 
@@ -76,64 +74,6 @@ impl Log {
             }
         }
         out
-    }
-}
-
-/// A recorder whose values can be read at any time (as in tests/metrics.rs).
-#[derive(Clone)]
-struct Values(Arc<Registry<Key, AtomicStorage>>);
-
-impl metrics::Recorder for Values {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        self.0.get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
-    }
-
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        self.0.get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
-    }
-
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        self.0.get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
-    }
-}
-
-impl Values {
-    fn key(name: &str, labels: &[(&str, &str)]) -> Key {
-        let labels: Vec<metrics::Label> =
-            labels.iter().map(|(k, v)| metrics::Label::new(k.to_string(), v.to_string())).collect();
-        Key::from_parts(name.to_string(), labels)
-    }
-
-    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.0.get_counter_handles().get(&Self::key(name, labels)).map_or(0, |c| c.load(Ordering::SeqCst))
-    }
-
-    fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .get_gauge_handles()
-            .get(&Self::key(name, labels))
-            .map_or(0.0, |g| f64::from_bits(g.load(Ordering::SeqCst)))
-    }
-}
-
-/// Runs `test` on a current-thread runtime with paused time and a metrics
-/// recorder of its own.
-fn paused_with_recorder<F: Future<Output = ()>>(test: impl FnOnce(Values) -> F) {
-    let values = Values(Arc::new(Registry::atomic()));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
-    metrics::with_local_recorder(&values, || rt.block_on(test(values.clone())));
-}
-
-/// Waits (in virtual time, paused clock) until `cond` holds, for at most `limit`.
-async fn until(limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = tokio::time::Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "condition not met within {limit:?} (virtual)");
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -330,8 +270,8 @@ fn refused_dead_letter_keeps_the_event_in_place_until_written() {
         let health = bus.health();
         assert!(!health.ready(), "not ready while a dead letter is stuck: {health:?}");
         assert_eq!(health.dead_letters_stuck, 1);
-        assert_eq!(values.gauge(t::DEAD_LETTER_STUCK, &[("topic", "orders")]), 1.0);
-        let failed = values.counter(t::DEAD_LETTER_FAILED, &[("topic", "orders"), ("error", "unauthorized")]);
+        assert_eq!(values.gauge_or_zero(t::DEAD_LETTER_STUCK, &[("topic", "orders")]), 1.0);
+        let failed = values.counter_or_zero(t::DEAD_LETTER_FAILED, &[("topic", "orders"), ("error", "unauthorized")]);
         // Capped backoff 100 ms .. 2 s: about 35 tries in 60 s, not a hot loop.
         assert!((5..=60).contains(&failed), "{failed} failed writes in 60 s");
         assert!(broker.read_topic("orders.dlq").is_empty());
@@ -347,7 +287,7 @@ fn refused_dead_letter_keeps_the_event_in_place_until_written() {
         let health = bus.health();
         assert!(health.ready(), "{health:?}");
         assert_eq!(health.dead_letters_stuck, 0);
-        assert_eq!(values.gauge(t::DEAD_LETTER_STUCK, &[("topic", "orders")]), 0.0);
+        assert_eq!(values.gauge_or_zero(t::DEAD_LETTER_STUCK, &[("topic", "orders")]), 0.0);
         let report = bus.close().await;
         assert_eq!(report.handed_back, 0);
         println!("refused dead letter: sent 30, handled 29, dead-lettered 1, duplicates 0, failed writes {failed}");

@@ -21,9 +21,10 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, Once};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use common::capture::log_text;
 use common::crash_child::temp_path;
 use common::scenario::{bus_config, close_cleanly, event, recv_within, started_with_channels, unique};
 use eventbus::broker::kafka::{KafkaBroker, KafkaConfig};
@@ -36,34 +37,9 @@ use rdkafka::producer::{BaseProducer, Producer};
 // ---------------------------------------------------------------------------
 // Capture of everything logged (librdkafka's log goes to tracing).
 
-static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOG.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn capture() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
-            .with_ansi(false)
-            .with_writer(|| Capture)
-            .init();
-    });
-}
-
-fn log_text() -> String {
-    String::from_utf8_lossy(&LOG.lock().unwrap()).into_owned()
+    ONCE.call_once(common::capture::install);
 }
 
 fn secret(prefix: &str) -> String {

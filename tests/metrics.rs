@@ -25,43 +25,12 @@ use eventbus::{
     Broker, BrokerError, Delivery, Envelope, EventBus, MemoryBroker, Outbound, PartitionLag, Position, Session,
     SessionEvent, TopicPartition,
 };
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
-use metrics_util::registry::{AtomicStorage, Registry};
+use common::recorder::{key, run_with_recorder, Values};
 use tokio::sync::Notify;
-
-/// A recorder whose values can be read at any time.
-#[derive(Clone)]
-struct Values(Arc<Registry<Key, AtomicStorage>>);
-
-impl metrics::Recorder for Values {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        self.0.get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
-    }
-
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        self.0.get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
-    }
-
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        self.0.get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
-    }
-}
 
 /// Runs `test` on a current-thread runtime with a recorder of its own.
 fn with_recorder<F: Future<Output = ()>>(test: impl FnOnce(Values) -> F) {
-    let values = Values(Arc::new(Registry::atomic()));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    metrics::with_local_recorder(&values, || rt.block_on(test(values.clone())));
-}
-
-fn key(name: &str, labels: &[(&str, &str)]) -> Key {
-    let labels: Vec<metrics::Label> =
-        labels.iter().map(|(k, v)| metrics::Label::new(k.to_string(), v.to_string())).collect();
-    Key::from_parts(name.to_string(), labels)
+    run_with_recorder(false, test)
 }
 
 impl Values {

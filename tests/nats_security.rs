@@ -16,10 +16,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -33,29 +33,10 @@ use eventbus::BrokerError;
 // ---------------------------------------------------------------------------
 // Capture of everything the process logs and every metric label.
 
-static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOG.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn snapshotter() -> &'static metrics_util::debugging::Snapshotter {
     static SNAP: OnceLock<metrics_util::debugging::Snapshotter> = OnceLock::new();
     SNAP.get_or_init(|| {
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
-            .with_ansi(false)
-            .with_writer(|| Capture)
-            .init();
+        common::capture::install();
         let recorder = metrics_util::debugging::DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         recorder.install().expect("the only metrics recorder of this test binary");
@@ -81,7 +62,7 @@ fn metric_labels() -> String {
 /// `texts` (formatted configurations, errors, health reports). Returns the
 /// number of bytes checked.
 fn assert_no_secret(secrets: &[&str], texts: &[String]) -> usize {
-    let log = String::from_utf8_lossy(&LOG.lock().unwrap()).into_owned();
+    let log = common::capture::log_text();
     let labels = metric_labels();
     let mut checked = log.len() + labels.len();
     for secret in secrets {

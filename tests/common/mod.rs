@@ -2,7 +2,9 @@
 //! ones in [`scenario`], the SIGKILL harness in [`crash_child`].
 #![allow(dead_code)]
 
+pub mod capture;
 pub mod crash_child;
+pub mod recorder;
 pub mod scenario;
 
 use std::collections::BTreeMap;
