@@ -18,7 +18,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
@@ -220,16 +219,13 @@ const SECURE_ENV: &str = "EVENTBUS_KAFKA_SECURE_BROKERS";
 
 /// The secured tansu's settings, or `None` (after saying so).
 fn secure_broker(test: &str) -> Option<KafkaConfig> {
+    // Ignored unless asked for: asked for without a broker is a failure.
     let brokers = match std::env::var(SECURE_ENV) {
         Ok(b) if !b.trim().is_empty() => b,
-        _ => {
-            let line = format!(
-                "kafka_security::{test}: not run: {SECURE_ENV} is not set (start tansu with --cert/--key \
-                 --authentication and a SCRAM user, see docs/security.md)\n"
-            );
-            let _ = std::io::stderr().write_all(line.as_bytes());
-            return None;
-        }
+        _ => panic!(
+            "kafka_security::{test}: {SECURE_ENV} is not set (a Kafka broker with TLS and a SCRAM user, see \
+             docs/security.md)"
+        ),
     };
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{SECURE_ENV} is set but {name} is not"));
     let mechanism = std::env::var("EVENTBUS_KAFKA_SECURE_MECHANISM").unwrap_or_else(|_| "SCRAM-SHA-512".into());
@@ -261,6 +257,8 @@ fn secure_broker(test: &str) -> Option<KafkaConfig> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker with TLS and SCRAM users (EVENTBUS_KAFKA_SECURE_*); tansu 0.6 serves neither \
+            (docs/security.md)"]
 async fn tansu_round_trip_over_sasl_ssl_and_wrong_password() {
     let Some(config) = secure_broker("tansu_round_trip_over_sasl_ssl_and_wrong_password") else { return };
     capture();
