@@ -1,4 +1,4 @@
-//! Checks a run's history against the contract in `shared/DESIGN.md`.
+//! Checks a run's history against the contract in `docs/contract.md`.
 //!
 //! One pass over the records, in the order they happened:
 //! - **lost**: every event appended to an origin topic was handled
