@@ -17,10 +17,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::recorder::{paused_with_recorder, until};
 use common::{fast_config, publish_versions, Progress};
 use eventbus::telemetry as t;
 use eventbus::{Broker, BrokerError, Envelope, ErrorClass, EventBus, MemoryBroker, TopicPartition};
-use common::recorder::{paused_with_recorder, until};
 
 /// Handled (aggregate, version) pairs, in handling order.
 type Seen = Arc<Mutex<Vec<(String, i64)>>>;
@@ -124,10 +124,11 @@ fn retriable_errors_back_off_and_the_consumer_goes_on() {
         assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "unavailable")]), 3);
         assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "timeout")]), 1);
         assert_eq!(values.counter_or_zero(t::SESSION_ERRORS, &[("error", "full")]), 1);
-        // The poison event's dead letter waits for the broker, then lands.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The poison event's dead letter waits for the broker (two refused
+        // writes at least), then lands.
+        let failed = || values.counter_or_zero(t::DEAD_LETTER_FAILED, &[("topic", "orders"), ("error", "unavailable")]);
+        until(Duration::from_secs(10), || failed() >= 2).await;
         assert!(broker.read_topic("orders.dlq").is_empty());
-        assert!(values.counter_or_zero(t::DEAD_LETTER_FAILED, &[("topic", "orders"), ("error", "unavailable")]) >= 2);
         broker.fail_publishes("orders.dlq", None);
         until(Duration::from_secs(10), || broker.read_topic("orders.dlq").len() == 1).await;
         let ends: Vec<(TopicPartition, u64)> =

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
+use common::recorder::{paused_with_recorder, until};
 use common::{fast_config, publish_versions, Progress};
 use eventbus::bus::SubscribeError;
 use eventbus::consumer::task_headers as dlq;
@@ -24,7 +25,6 @@ use eventbus::telemetry as t;
 use eventbus::{Broker, BrokerError, BusConfig, Envelope, EventBus, MemoryBroker, TopicPartition};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use common::recorder::{paused_with_recorder, until};
 
 const INTENTIONAL_PANIC: &str = "intentional test panic";
 

@@ -408,9 +408,17 @@ fn health_report_serializes_what_the_bus_knows() {
         bus.start().await.unwrap();
         bus.publish_envelope("orders", &event("order-9", 1)).await.unwrap();
         assert_eq!(next(&mut rx, "handled").await, 1);
-        tokio::time::sleep(Duration::from_secs(1)).await; // commits every 10 ms, samples every 100 ms
-
-        let report = serde_json::to_value(bus.health()).unwrap();
+        // Wait for the observer's sample that sees the commit (commits every
+        // 10 ms, samples every 100 ms of virtual time).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let report = loop {
+            let report = serde_json::to_value(bus.health()).unwrap();
+            if report["consumer_lag"] == 0 && report["last_consume"].is_string() {
+                break report;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no sample of the commit: {report}");
+            tokio::time::sleep(Duration::from_millis(10)).await; // polling interval of the condition
+        };
         assert_eq!(report["ready"], true);
         assert_eq!(report["connection"], "connected");
         assert_eq!((report["closed"].clone(), report["reconnects"].clone()), (false.into(), 0.into()));

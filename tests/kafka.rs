@@ -1093,14 +1093,7 @@ fn child_process_entry() {
             .unwrap();
         }
         bus.start().await.unwrap();
-        let (eof_tx, eof_rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
-            let _ = eof_tx.send(());
-        });
-        let _ = eof_rx.await;
-        let report = bus.close().await;
-        println!("CLOSED handed_back={} commit_error={:?}", report.handed_back, report.final_commit_error);
+        common::crash_child::run_until_stdin_closes(bus).await;
     });
 }
 

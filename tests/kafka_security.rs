@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::capture::log_text;
 use common::crash_child::temp_path;
+use common::pki::Pki;
 use common::scenario::{bus_config, close_cleanly, event, recv_within, started_with_channels, unique};
 use eventbus::broker::kafka::{KafkaBroker, KafkaConfig};
 use eventbus::broker::kafka_security::{KafkaSecurity, SaslMechanism};
@@ -296,40 +297,11 @@ impl Drop for SServer {
     }
 }
 
-fn openssl(dir: &PathBuf, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl CLI");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_broker_certificate_fails_typed() {
     capture();
-    let dir = temp_path("eventbus-kafka-pki");
-    std::fs::create_dir_all(&dir).unwrap();
-    for name in ["ca", "rogue"] {
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "2",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ],
-        );
-    }
+    // A server certificate signed by "ca", checked against an unrelated CA.
+    let pki = Pki::new();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = Command::new("openssl")
         .args([
@@ -338,11 +310,11 @@ async fn untrusted_broker_certificate_fails_typed() {
             "-accept",
             &format!("127.0.0.1:{port}"),
             "-cert",
-            "rogue.pem",
+            "server.pem",
             "-key",
-            "rogue.key",
+            "server.key",
         ])
-        .current_dir(&dir)
+        .current_dir(&pki.dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -356,7 +328,7 @@ async fn untrusted_broker_certificate_fails_typed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let config = KafkaConfig {
-        security: KafkaSecurity { tls: true, ca_file: Some(dir.join("ca.pem")), ..KafkaSecurity::default() },
+        security: KafkaSecurity { tls: true, ca_file: Some(pki.path("rogue-ca.pem")), ..KafkaSecurity::default() },
         ..base(&format!("127.0.0.1:{port}"))
     };
     let started = Instant::now();
@@ -366,5 +338,4 @@ async fn untrusted_broker_certificate_fails_typed() {
     assert!(err.to_string().contains("certificate verify failed"), "{err}");
     // Not the metadata timeout (request_timeout is 10 s).
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
-    let _ = std::fs::remove_dir_all(&dir);
 }

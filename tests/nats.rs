@@ -22,9 +22,8 @@ use common::scenario::{
 };
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -425,38 +424,9 @@ impl Server {
 
     /// Starts nats-server and waits for its "Server is ready" log line.
     async fn start(port: u16, dir: &Path) -> Server {
-        let mut child = Command::new(Self::bin())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", Self::bin()));
-        let stderr = child.stderr.take().unwrap();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let mut ready = Some(ready_tx);
-            let mut seen = Vec::new();
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("Server is ready") {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(Ok(()));
-                    }
-                } else if ready.is_some() {
-                    seen.push(line);
-                }
-            }
-            if let Some(tx) = ready.take() {
-                let _ = tx.send(Err(seen.join("\n")));
-            }
-        });
-        match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(log))) => panic!("nats-server on port {port} exited before it was ready:\n{log}"),
-            other => panic!("nats-server on port {port} not ready: {other:?}"),
-        }
+        let mut cmd = Command::new(Self::bin());
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]).arg(dir);
+        let child = common::nats_server::start_and_wait_ready(cmd, port).await;
         Server { child: Some(child), dir: dir.to_path_buf() }
     }
 

@@ -16,14 +16,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::crash_child::temp_path;
+use common::pki::Pki;
 use common::scenario::{bus_config, close_cleanly, event, recv_within, started_with_channels, unique};
 use eventbus::broker::nats::{NatsBroker, NatsConfig};
 use eventbus::broker::nats_security::NatsSecurity;
@@ -90,106 +90,6 @@ fn formatted(config: &NatsConfig) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------
-// Certificates (openssl CLI).
-
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl").args(args).current_dir(&self.dir).output().expect("openssl CLI");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// A CA `name`.pem/.key.
-    fn ca(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-    }
-
-    /// A certificate `name`.pem/.key signed by CA `ca` with extensions `ext`.
-    fn leaf(&self, name: &str, ca: &str, ext: &str) {
-        std::fs::write(self.path(&format!("{name}.ext")), ext).unwrap();
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &format!("{name}.pem"),
-            "-extfile",
-            &format!("{name}.ext"),
-        ]);
-    }
-
-    fn new() -> Pki {
-        let pki = Pki { dir: temp_path("eventbus-pki") };
-        std::fs::create_dir_all(&pki.dir).unwrap();
-        pki.ca("ca");
-        pki.ca("rogue-ca");
-        pki.leaf(
-            "server",
-            "ca",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-        );
-        pki.leaf("client", "ca", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n");
-        pki.leaf("rogue-client", "rogue-ca", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n");
-        pki
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-// ---------------------------------------------------------------------------
 // nats-server with a config file.
 
 struct Server {
@@ -212,38 +112,9 @@ impl Server {
             format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {:?} }}\n{extra}\n", dir.join("js")),
         )
         .unwrap();
-        let mut child = Command::new(&bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-        let stderr = child.stderr.take().unwrap();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let mut ready = Some(ready_tx);
-            let mut seen = Vec::new();
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("Server is ready") {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(Ok(()));
-                    }
-                } else if ready.is_some() {
-                    seen.push(line);
-                }
-            }
-            if let Some(tx) = ready.take() {
-                let _ = tx.send(Err(seen.join("\n")));
-            }
-        });
-        match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(log))) => panic!("nats-server on port {port} exited before it was ready:\n{log}"),
-            other => panic!("nats-server on port {port} not ready: {other:?}"),
-        }
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c").arg(&conf);
+        let child = common::nats_server::start_and_wait_ready(cmd, port).await;
         Server { child: Some(child), dir, port }
     }
 

@@ -163,7 +163,12 @@ async fn consume<B: Broker>(broker: B) {
         .unwrap();
     }
     bus.start().await.unwrap();
-    // Run until the parent closes stdin.
+    run_until_stdin_closes(bus).await;
+}
+
+/// A child's last act: runs until the parent closes stdin, then closes the
+/// bus and prints `CLOSED …` with its report (a SIGKILLed child never does).
+pub async fn run_until_stdin_closes<B: eventbus::Broker>(bus: eventbus::EventBus<B>) {
     let (eof_tx, eof_rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());

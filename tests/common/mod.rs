@@ -4,6 +4,8 @@
 
 pub mod capture;
 pub mod crash_child;
+pub mod nats_server;
+pub mod pki;
 pub mod recorder;
 pub mod scenario;
 
