@@ -195,11 +195,13 @@ impl TopicMetrics {
         }
     }
 
-    pub fn dead_lettered(&self, reason: &str) -> &Counter {
-        if reason == "decode" {
-            &self.dead_lettered_decode
-        } else {
-            &self.dead_lettered_handler
+    pub fn dead_lettered(&self, reason: &'static str) -> Counter {
+        match reason {
+            "decode" => self.dead_lettered_decode.clone(),
+            "handler" => self.dead_lettered_handler.clone(),
+            // An adapter's reason (`undecodable-headers`, `too-large`): rare,
+            // looked up when it happens.
+            other => metrics::counter!(DEAD_LETTERED, "topic" => self.topic.clone(), "reason" => other),
         }
     }
 
@@ -239,5 +241,44 @@ impl ConsumerMetrics {
     /// [`SESSION_ERRORS`] for one error kind.
     pub fn session_error(&self, kind: &'static str) -> Counter {
         metrics::counter!(SESSION_ERRORS, "error" => kind)
+    }
+}
+
+#[cfg(all(test, not(feature = "loom")))]
+mod tests {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+
+    /// Each dead-letter reason is counted under its own label: the
+    /// consumer's (`handler`, `decode`) and the adapters'
+    /// (`undecodable-headers`, `too-large`).
+    #[test]
+    fn dead_letters_are_counted_by_their_reason() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let m = TopicMetrics::new("orders");
+            for reason in
+                ["handler", "decode", crate::broker::REASON_UNDECODABLE_HEADERS, crate::broker::REASON_TOO_LARGE]
+            {
+                m.dead_lettered(reason).increment(1);
+            }
+            m.dead_lettered(crate::broker::REASON_TOO_LARGE).increment(1);
+        });
+        let mut counts: Vec<(String, u64)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, _, _, _)| k.key().name() == DEAD_LETTERED)
+            .map(|(k, _, _, v)| {
+                let reason = k.key().labels().find(|l| l.key() == "reason").unwrap().value().to_string();
+                let DebugValue::Counter(n) = v else { panic!("a counter") };
+                (reason, n)
+            })
+            .collect();
+        counts.sort();
+        let expected = [("decode", 1), ("handler", 1), ("too-large", 2), ("undecodable-headers", 1)];
+        assert_eq!(counts, expected.map(|(r, n)| (r.to_string(), n)));
     }
 }

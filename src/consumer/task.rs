@@ -67,61 +67,49 @@ pub(super) fn build<B: Broker>(
     delivery: Delivery,
     reply: impl FnOnce(Outcome) + Send + 'static,
 ) -> Task {
+    // Envelope topics are keyed by the aggregate ID (envelope > header >
+    // key); raw topics are not keyed.
+    let (decoded, key) = match &handler {
+        Handler::Envelope(_, encoding) => {
+            let decoded = Envelope::decode_with(&delivery.payload, *encoding);
+            let key = aggregate_id_from(decoded.as_ref().ok(), &delivery.headers, delivery.key.as_deref(), None)
+                .map(|id| Key::from(id.id));
+            (Some(decoded), key)
+        }
+        Handler::Raw(_) => (None, None),
+    };
+    let span = handle_span(&delivery, decoded.as_ref().and_then(|d| d.as_ref().ok()), key.as_deref());
     // The adapter could not pass the record on as its producer wrote it
     // (header bytes it cannot represent, a payload over the size limit): it
     // goes to the dead letter with what the adapter kept, in its aggregate's
     // place, and the handler never sees it.
     if let Some(reason) = delivery.undeliverable() {
-        let reason: &'static str = if reason == REASON_UNDECODABLE_HEADERS {
-            REASON_UNDECODABLE_HEADERS
-        } else if reason == REASON_TOO_LARGE {
-            REASON_TOO_LARGE
-        } else {
-            "undeliverable"
-        };
+        let reason = [REASON_UNDECODABLE_HEADERS, REASON_TOO_LARGE].into_iter().find(|r| *r == reason);
         let detail = delivery.undeliverable_detail().unwrap_or_default();
-        let key = match &handler {
-            Handler::Envelope(_, encoding) => {
-                let decoded = Envelope::decode_with(&delivery.payload, *encoding);
-                aggregate_id_from(decoded.as_ref().ok(), &delivery.headers, delivery.key.as_deref(), None)
-                    .map(|id| Key::from(id.id))
-            }
-            Handler::Raw(_) => None,
-        };
-        let span = handle_span(&delivery, None, key.as_deref());
-        let letter = DeadLetter::new(ctx, &delivery, reason, &detail, 0);
+        let letter = DeadLetter::new(ctx, &delivery, reason.unwrap_or("undeliverable"), &detail, 0);
         return Task::stepped(key, letter.publish(span), reply);
     }
-    match handler {
-        Handler::Raw(h) => {
-            let span = handle_span(&delivery, None, None);
+    let work = match (handler, decoded) {
+        (Handler::Raw(h), _) => {
             let run = {
                 let delivery = delivery.clone();
                 Box::new(move || h(delivery.clone()))
                     as Box<dyn Fn() -> BoxFuture<'static, HandlerResult> + Send + Sync>
             };
             let job = Arc::new(Attempts { ctx, delivery, run, started: Instant::now() });
-            Task::stepped(None, attempt(job, 1, span), reply)
+            attempt(job, 1, span)
         }
-        Handler::Envelope(h, encoding) => {
-            let decoded = Envelope::decode_with(&delivery.payload, encoding);
-            let key = aggregate_id_from(decoded.as_ref().ok(), &delivery.headers, delivery.key.as_deref(), None)
-                .map(|id| Key::from(id.id));
-            let span = handle_span(&delivery, decoded.as_ref().ok(), key.as_deref());
-            let work = match decoded {
-                Ok(envelope) => {
-                    let run = Box::new(move || h(envelope.clone()));
-                    let job = Arc::new(Attempts { ctx, delivery, run, started: Instant::now() });
-                    attempt(job, 1, span)
-                }
-                Err(e) => {
-                    let letter = DeadLetter::new(ctx, &delivery, "decode", &e.to_string(), 0);
-                    letter.publish(span)
-                }
-            };
-            Task::stepped(key, work, reply)
+        (Handler::Envelope(h, _), Some(Ok(envelope))) => {
+            let run = Box::new(move || h(envelope.clone()));
+            let job = Arc::new(Attempts { ctx, delivery, run, started: Instant::now() });
+            attempt(job, 1, span)
         }
-    }
+        (Handler::Envelope(..), decoded) => {
+            let error = decoded.and_then(Result::err).map(|e| e.to_string()).unwrap_or_default();
+            DeadLetter::new(ctx, &delivery, "decode", &error, 0).publish(span)
+        }
+    };
+    Task::stepped(key, work, reply)
 }
 
 /// The `handle` span of one event: where it came from and what it is, with
