@@ -217,13 +217,13 @@ struct Backoff {
 }
 
 impl Backoff {
-    const INITIAL: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(10);
+    /// The same doubling-and-cap rule as the handler retries ([`RetryConfig::backoff`]).
+    const RULE: RetryConfig =
+        RetryConfig { max_attempts: 1, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(10) };
 
     fn next(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        let factor = 2u32.saturating_pow(self.failures - 1);
-        Self::INITIAL.saturating_mul(factor).min(Self::MAX)
+        Self::RULE.backoff(self.failures)
     }
 
     fn reset(&mut self) {
