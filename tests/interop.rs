@@ -11,9 +11,9 @@
 //! mock Kafka cluster (plain rdkafka producer/consumer on the Go side of
 //! the pipe). `docs/wire.md` has the table these tests print.
 //!
-//! Without `go` on the PATH, every test says loudly that it did not run and
-//! returns — unless `CI` is set, where a missing `go` fails the test
-//! (`.ci/run` installs Debian's `golang-go`).
+//! Without `go` on the PATH every test fails, saying how to install it: a
+//! test that could not run must not count as passed (`.ci/run` installs
+//! Debian's `golang-go`).
 
 mod common;
 
@@ -76,25 +76,13 @@ fn build_peer() -> Result<Option<PathBuf>, String> {
     Ok(Some(bin))
 }
 
-/// The Go peer, built once per test run; `None` (after saying so on
-/// stderr) when `go` is absent outside CI.
-fn peer(test: &str) -> Option<&'static Path> {
+/// The Go peer, built once per test run; fails the test when `go` is absent.
+fn peer(test: &str) -> &'static Path {
     static PEER: OnceLock<Result<Option<PathBuf>, String>> = OnceLock::new();
     match PEER.get_or_init(build_peer) {
         Err(e) => panic!("interop::{test}: {e}"),
-        Ok(Some(bin)) => Some(bin.as_path()),
-        Ok(None) if std::env::var_os("CI").is_some() => {
-            panic!("interop::{test}: `go` is not on the PATH and CI is set: .ci/run must install golang-go")
-        }
-        Ok(None) => {
-            // Straight to stderr, past the harness's capture, so the log shows it.
-            let line = format!(
-                "interop::{test}: NOT RUN: `go` is not on the PATH (apt-get install golang-go); \
-                 in CI (CI set) this fails\n"
-            );
-            let _ = std::io::stderr().write_all(line.as_bytes());
-            None
-        }
+        Ok(Some(bin)) => bin.as_path(),
+        Ok(None) => panic!("interop::{test}: not run: `go` is not on the PATH (apt-get install golang-go)"),
     }
 }
 
@@ -341,9 +329,7 @@ impl Table {
 
 #[test]
 fn go_peer_writes_the_shared_test_data_byte_for_byte() {
-    let Some(bin) = peer("go_peer_writes_the_shared_test_data_byte_for_byte") else {
-        return;
-    };
+    let bin = peer("go_peer_writes_the_shared_test_data_byte_for_byte");
     for form in [GoForm::Base64, GoForm::Raw] {
         let go = go_encode(bin, form);
         assert_eq!(go.len(), 20);
@@ -361,9 +347,7 @@ fn go_peer_writes_the_shared_test_data_byte_for_byte() {
 /// disagreement.
 #[test]
 fn envelopes_round_trip_between_go_and_us_in_both_encodings() {
-    let Some(bin) = peer("envelopes_round_trip_between_go_and_us_in_both_encodings") else {
-        return;
-    };
+    let bin = peer("envelopes_round_trip_between_go_and_us_in_both_encodings");
     let mut table = Table::default();
     for form in [GoForm::Base64, GoForm::Raw] {
         let written = go_encode(bin, form);
@@ -433,9 +417,7 @@ fn envelopes_round_trip_between_go_and_us_in_both_encodings() {
 /// each side reports, so the docs can say what a wrong setting looks like.
 #[test]
 fn a_reader_in_the_wrong_encoding_fails_with_a_typed_error() {
-    let Some(bin) = peer("a_reader_in_the_wrong_encoding_fails_with_a_typed_error") else {
-        return;
-    };
+    let bin = peer("a_reader_in_the_wrong_encoding_fails_with_a_typed_error");
     // Seed Go reading our embedded output: rejects 19 of 20 ([1,2,3] is read as bytes).
     let embedded: Vec<Vec<u8>> = data(GoForm::Raw);
     let seed_reads = go_decode(bin, GoForm::Base64, &embedded);
@@ -596,9 +578,7 @@ const GO_119_ONLY_TIMESTAMPS: [&str; 3] = [
 
 #[test]
 fn reading_rules_agree_with_the_go_peer() {
-    let Some(bin) = peer("reading_rules_agree_with_the_go_peer") else {
-        return;
-    };
+    let bin = peer("reading_rules_agree_with_the_go_peer");
     let go_version = Command::new("go").arg("version").output().unwrap();
     // "go version go1.19.8 linux/amd64"
     let go_version = String::from_utf8_lossy(&go_version.stdout)
@@ -742,9 +722,7 @@ mod nats {
     /// itself reads from the same bytes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn go_producer_to_our_consumer_over_nats() {
-        let Some(bin) = peer("nats::go_producer_to_our_consumer_over_nats") else {
-            return;
-        };
+        let bin = peer("nats::go_producer_to_our_consumer_over_nats");
         for (form, encoding) in [
             (GoForm::Base64, PayloadEncoding::Base64),
             (GoForm::Raw, PayloadEncoding::Embedded),
@@ -805,9 +783,7 @@ mod nats {
     /// matching struct, and every field equals what we published.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn our_publish_read_by_go_over_nats() {
-        let Some(bin) = peer("nats::our_publish_read_by_go_over_nats") else {
-            return;
-        };
+        let bin = peer("nats::our_publish_read_by_go_over_nats");
         for form in [GoForm::Base64, GoForm::Raw] {
             let topic = unique("interop-us2go");
             let broker = connect().await;
@@ -905,9 +881,7 @@ mod kafka {
     /// encoding, equal field by field to what Go reads from the same bytes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn go_written_envelopes_through_kafka_to_our_consumer() {
-        let Some(bin) = peer("kafka::go_written_envelopes_through_kafka_to_our_consumer") else {
-            return;
-        };
+        let bin = peer("kafka::go_written_envelopes_through_kafka_to_our_consumer");
         for (form, encoding) in [
             (GoForm::Base64, PayloadEncoding::Base64),
             (GoForm::Raw, PayloadEncoding::Embedded),
@@ -970,9 +944,7 @@ mod kafka {
     /// equals what we published.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn our_kafka_publish_decoded_by_go() {
-        let Some(bin) = peer("kafka::our_kafka_publish_decoded_by_go") else {
-            return;
-        };
+        let bin = peer("kafka::our_kafka_publish_decoded_by_go");
         for form in [GoForm::Base64, GoForm::Raw] {
             let mock = Mock::new();
             let topic = unique("interop-kus2go");
