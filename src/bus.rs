@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 use tokio::task::{JoinHandle, JoinSet};
@@ -14,6 +15,7 @@ use crate::backlog::BacklogEvent;
 use crate::broker::{Broker, BrokerError, Delivery, Headers, Outbound, Position};
 use crate::callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
 use crate::consumer::{self, ConsumerConfig, ConsumerError, ConsumerHandle, ConsumerStats, Handler};
+use crate::context::DeliveryContext;
 use crate::envelope::{Envelope, EnvelopeError, PayloadEncoding};
 use crate::health::{self, HealthReport, MonitorStatus, PoolStatus, PublisherStatus};
 use crate::observer::{ObservabilityConfig, Observed, Observer};
@@ -281,7 +283,7 @@ impl<B: Broker> EventBusBuilder<B> {
             let seen = obs.clone();
             // The health publisher writes embedded, whatever the topic settings.
             let handler: Handler = Handler::Envelope(
-                Arc::new(move |e: Envelope| {
+                Arc::new(move |e: Envelope, _: DeliveryContext| {
                     seen.health_received(&e.aggregate_id);
                     futures::future::ready(Ok(())).boxed()
                 }),
@@ -435,26 +437,85 @@ impl<B: Broker> EventBus<B> {
 
     /// Registers an ordered envelope handler for `topic`: events of one
     /// aggregate are handled one at a time, in order. Payloads are read in
-    /// the topic's encoding (`wire` in [`BusConfig`]).
+    /// the topic's encoding (`wire` in [`BusConfig`]). The same as
+    /// [`subscribe_ordered`](Self::subscribe_ordered) for a handler that
+    /// does not need the [`DeliveryContext`].
     pub async fn subscribe_envelope<F, Fut>(&self, topic: &str, handler: F) -> Result<(), SubscribeError>
     where
         F: Fn(Envelope) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
+        self.subscribe_ordered(topic, move |envelope, _| handler(envelope)).await
+    }
+
+    /// Registers an ordered envelope handler for `topic` that also sees
+    /// where each event came from: events of one aggregate are handled one
+    /// at a time, in order, each with its [`DeliveryContext`] (topic,
+    /// partition, offset, key, headers, attempt, trace and correlation IDs).
+    /// A failing handler is retried in place (`consumer.retry`) with
+    /// [`DeliveryContext::attempt`] counting up, then dead-lettered; one that
+    /// returns a [`PayloadError`](crate::PayloadError) is dead-lettered at
+    /// once (`docs/handlers.md`). Bytes that are not an envelope never reach
+    /// it (dead letter, `x-dlq-reason: decode`).
+    pub async fn subscribe_ordered<F, Fut>(&self, topic: &str, handler: F) -> Result<(), SubscribeError>
+    where
+        F: Fn(Envelope, DeliveryContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
         let obs = self.obs.clone();
         let encoding = self.config.wire.encoding_for(topic);
-        let handler = Handler::Envelope(Arc::new(move |e| stamp_consumed(obs.clone(), handler(e)).boxed()), encoding);
+        let handler = Handler::Envelope(
+            Arc::new(move |e, context| stamp_consumed(obs.clone(), handler(e, context)).boxed()),
+            encoding,
+        );
         self.register(topic, handler).await
     }
 
-    /// Registers an unordered raw handler for `topic` (notifications).
+    /// Registers an ordered handler for `topic` whose events' payloads are
+    /// JSON of type `T`: like [`subscribe_ordered`](Self::subscribe_ordered),
+    /// with the payload decoded ([`Envelope::decode_payload`]) before the
+    /// handler is called with it, the envelope and the context. A payload
+    /// that does not decode as `T` is never given to the handler: it is
+    /// dead-lettered once, with its bytes as received, `x-dlq-reason:
+    /// payload`, the [`PayloadError`](crate::PayloadError) as `x-dlq-error`
+    /// and no retries, in its aggregate's place (later events of that
+    /// aggregate wait for it; other aggregates do not).
+    pub async fn subscribe_typed<T, F, Fut>(&self, topic: &str, handler: F) -> Result<(), SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: Fn(T, Envelope, DeliveryContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.subscribe_ordered(topic, move |envelope: Envelope, context| match envelope.decode_payload::<T>() {
+            Ok(payload) => handler(payload, envelope, context).left_future(),
+            Err(e) => futures::future::ready(HandlerResult::Err(e.into())).right_future(),
+        })
+        .await
+    }
+
+    /// Registers an unordered raw handler for `topic` (notifications). The
+    /// same as [`subscribe_raw`](Self::subscribe_raw) for a handler that
+    /// does not need the [`DeliveryContext`].
     pub async fn subscribe<F, Fut>(&self, topic: &str, handler: F) -> Result<(), SubscribeError>
     where
         F: Fn(Delivery) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
+        self.subscribe_raw(topic, move |delivery, _| handler(delivery)).await
+    }
+
+    /// Registers an unordered raw handler for `topic` (notifications) that
+    /// gets each delivery with its [`DeliveryContext`]: the same context
+    /// type ordered handlers get, its IDs read from the headers and key.
+    /// Retries and dead letters as for ordered handlers.
+    pub async fn subscribe_raw<F, Fut>(&self, topic: &str, handler: F) -> Result<(), SubscribeError>
+    where
+        F: Fn(Delivery, DeliveryContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
         let obs = self.obs.clone();
-        let handler = Handler::Raw(Arc::new(move |d| stamp_consumed(obs.clone(), handler(d)).boxed()));
+        let handler =
+            Handler::Raw(Arc::new(move |d, context| stamp_consumed(obs.clone(), handler(d, context)).boxed()));
         self.register(topic, handler).await
     }
 

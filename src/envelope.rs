@@ -207,6 +207,38 @@ pub enum EnvelopeError {
     Payload(String),
 }
 
+/// Why an envelope's payload did not decode into the type a handler asked
+/// for ([`Envelope::decode_payload`]). Retrying cannot fix it: a handler that
+/// returns it (as `subscribe_typed` does for its decode, or through `?`) has
+/// its event dead-lettered at once with `x-dlq-reason: payload`, without the
+/// retries a failing handler gets (`docs/handlers.md`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("payload of {event_type} v{event_version} does not decode as {type_name}: {message}")]
+pub struct PayloadError {
+    /// The Rust type the payload was decoded into (`std::any::type_name`).
+    pub type_name: &'static str,
+    /// The envelope's event type.
+    pub event_type: String,
+    /// The envelope's event version.
+    pub event_version: i64,
+    /// Whether the bytes are not JSON, or JSON of another shape.
+    pub kind: PayloadErrorKind,
+    /// serde_json's message (with line and column).
+    pub message: String,
+}
+
+/// What was wrong with a payload that did not decode ([`PayloadError::kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PayloadErrorKind {
+    /// The payload bytes are not (complete) JSON, e.g. a base64 payload of
+    /// arbitrary bytes.
+    NotJson,
+    /// The payload is JSON, but not of the requested type's shape (a
+    /// missing field, a string where a number belongs, ...).
+    WrongShape,
+}
+
 /// A domain event in the seed's envelope.
 ///
 /// Equality compares the timestamp's instant *and* offset (they are written
@@ -342,6 +374,23 @@ impl Envelope {
     /// [`EnvelopeError::Payload`], as does JSON of another shape.
     pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, EnvelopeError> {
         serde_json::from_slice(&self.payload).map_err(|e| EnvelopeError::Payload(e.to_string()))
+    }
+
+    /// Deserializes the payload bytes as JSON into `T`, with a typed error
+    /// naming the type, the event and what was wrong. A handler that returns
+    /// this error (e.g. with `?`) has its event dead-lettered once, with
+    /// `x-dlq-reason: payload` and no retries.
+    pub fn decode_payload<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
+        serde_json::from_slice(&self.payload).map_err(|e| PayloadError {
+            type_name: std::any::type_name::<T>(),
+            event_type: self.event_type.clone(),
+            event_version: self.event_version,
+            kind: match e.classify() {
+                serde_json::error::Category::Data => PayloadErrorKind::WrongShape,
+                _ => PayloadErrorKind::NotJson,
+            },
+            message: e.to_string(),
+        })
     }
 
     /// Checks every field for publishing embedded (the default encoding):

@@ -5,6 +5,7 @@
 pub mod sync;
 pub mod pool;
 pub mod envelope;
+pub mod context;
 pub mod config;
 pub mod broker;
 pub mod consumer;
@@ -31,4 +32,5 @@ pub use broker::secret::Secret;
 pub use settings::{BrokerConfig, BrokerKind};
 pub use callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
 pub use health::HealthReport;
-pub use envelope::{Envelope, PayloadEncoding};
+pub use context::DeliveryContext;
+pub use envelope::{Envelope, PayloadEncoding, PayloadError, PayloadErrorKind};

@@ -1226,3 +1226,56 @@ async fn dead_letters_across_a_crash() {
         assert!(key.starts_with("agg-"), "{key}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// The handler's context.
+
+/// An ordered handler's [`eventbus::DeliveryContext`] names the topic,
+/// partition and offset the broker returned for each publish (and its key,
+/// headers and trace IDs); the memory-broker version of this check is
+/// `tests/handler_context.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_handler_context_matches_the_broker_positions() {
+    init_tracing();
+    let mock = Mock::new(1);
+    let topic = unique("ctx");
+    mock.create_topic(&topic, 3);
+    let group = unique("g");
+    let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
+    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Envelope, eventbus::DeliveryContext)>();
+    bus.subscribe_ordered(&topic, move |env, ctx| {
+        tx.send((env, ctx)).unwrap();
+        std::future::ready(Ok(()))
+    })
+    .await
+    .unwrap();
+    bus.start().await.unwrap();
+    let mut published = BTreeMap::new();
+    for v in 1..=3 {
+        for a in 0..6 {
+            let id = format!("order-{a}");
+            let env = event(&id, v).with_trace_id(format!("t-{a}-{v}")).with_correlation_id(format!("c-{a}"));
+            let pos = bus.publish_envelope(&topic, &env).await.unwrap();
+            assert_eq!(pos.partition, eventbus::broker::memory::partition_for_key(id.as_bytes(), 3));
+            published.insert((id, v), (env, pos));
+        }
+    }
+    let mut per_partition: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
+    for _ in 0..published.len() {
+        let (env, ctx) = recv_within(&mut rx, Duration::from_secs(30), "every event handled").await;
+        let (sent, pos) = &published[&(env.aggregate_id.clone(), env.event_version)];
+        assert_eq!(&env, sent);
+        assert_eq!((ctx.topic(), ctx.partition(), ctx.offset()), (topic.as_str(), pos.partition, pos.offset));
+        assert_eq!(ctx.key(), Some(env.aggregate_id.as_bytes()));
+        assert_eq!((ctx.trace_id(), ctx.correlation_id()), (sent.trace_id.as_deref(), sent.correlation_id.as_deref()));
+        assert_eq!(ctx.headers(), sent.to_headers().as_slice());
+        assert_eq!((ctx.attempt(), ctx.delivery_attempt()), (1, 1));
+        assert!(per_partition.entry(ctx.partition()).or_default().insert(ctx.offset()), "an offset twice");
+    }
+    // Each partition's offsets are the broker's 0..n, none shared.
+    for (p, offsets) in &per_partition {
+        assert_eq!(offsets.iter().copied().collect::<Vec<_>>(), (0..offsets.len() as u64).collect::<Vec<_>>(), "{p}");
+    }
+    close_cleanly(bus, published.len() as u64).await;
+}

@@ -683,3 +683,66 @@ async fn a_full_stream_is_full_and_an_oversized_message_is_refused() {
     assert!(matches!(err, eventbus::BrokerError::Refused(_)), "{err:?}");
     cleanup(&broker, &[topic]).await;
 }
+
+// ---------------------------------------------------------------------------
+// The handler's context.
+
+/// An ordered handler's [`eventbus::DeliveryContext`] names the stream,
+/// partition 0 and the stream sequence the server returned for each publish
+/// (and its key, headers and trace IDs); a raw handler gets the same
+/// context type. The memory-broker version is `tests/handler_context.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_handler_context_matches_the_broker_positions() {
+    let (topic, raw_topic, group) = (unique("ctx"), unique("ctx-raw"), unique("g"));
+    let broker = connect(nats_config(&nats_url())).await;
+    let admin = broker.clone();
+    let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Envelope, eventbus::DeliveryContext)>();
+    bus.subscribe_ordered(&topic, move |env, ctx| {
+        tx.send((env, ctx)).unwrap();
+        std::future::ready(Ok(()))
+    })
+    .await
+    .unwrap();
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<eventbus::DeliveryContext>();
+    bus.subscribe_raw(&raw_topic, move |_delivery, ctx| {
+        raw_tx.send(ctx).unwrap();
+        std::future::ready(Ok(()))
+    })
+    .await
+    .unwrap();
+    bus.start().await.unwrap();
+    let mut published = BTreeMap::new();
+    for v in 1..=3 {
+        for a in 0..4 {
+            let id = format!("order-{a}");
+            let env = event(&id, v).with_trace_id(format!("t-{a}-{v}")).with_correlation_id(format!("c-{a}"));
+            let pos = bus.publish_envelope(&topic, &env).await.unwrap();
+            published.insert((id, v), (env, pos));
+        }
+    }
+    let mut offsets = Vec::new();
+    for _ in 0..published.len() {
+        let (env, ctx) = recv_within(&mut rx, Duration::from_secs(20), "every event handled").await;
+        let (sent, pos) = &published[&(env.aggregate_id.clone(), env.event_version)];
+        assert_eq!(&env, sent);
+        assert_eq!((ctx.topic(), ctx.partition(), ctx.offset()), (topic.as_str(), 0, pos.offset));
+        assert_eq!(ctx.key(), Some(env.aggregate_id.as_bytes()));
+        assert_eq!((ctx.trace_id(), ctx.correlation_id()), (sent.trace_id.as_deref(), sent.correlation_id.as_deref()));
+        for (name, value) in sent.to_headers() {
+            assert_eq!(ctx.header(&name), Some(value.as_slice()), "header {name}");
+        }
+        assert_eq!((ctx.attempt(), ctx.delivery_attempt()), (1, 1));
+        offsets.push(ctx.offset());
+    }
+    // The stream's sequences: 1..=n, each once.
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=published.len() as u64).collect::<Vec<_>>());
+    let headers = vec![("X-Trace-ID".to_string(), b"raw-trace".to_vec())];
+    let pos = bus.publish(&raw_topic, Some(b"note-1"), headers, b"ping".to_vec()).await.unwrap();
+    let ctx = recv_within(&mut raw_rx, Duration::from_secs(20), "raw delivered").await;
+    assert_eq!((ctx.topic(), ctx.partition(), ctx.offset()), (raw_topic.as_str(), 0, pos.offset));
+    assert_eq!((ctx.key(), ctx.trace_id()), (Some(&b"note-1"[..]), Some("raw-trace")));
+    close_cleanly(bus, published.len() as u64 + 1).await;
+    cleanup(&admin, &[topic, raw_topic]).await;
+}

@@ -10,10 +10,12 @@
 pub mod frontier;
 mod task;
 
-/// Header names of dead-letter messages.
+/// Header names of dead-letter messages, and the `x-dlq-reason` values the
+/// consumer writes (adapters add theirs: `broker::REASON_*`).
 pub mod task_headers {
     pub use super::task::{
-        DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED, DLQ_REASON,
+        DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED,
+        DLQ_REASON, REASON_DECODE, REASON_HANDLER, REASON_PAYLOAD,
     };
 }
 
@@ -29,15 +31,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::broker::{Broker, BrokerError, Delivery, ErrorClass, Session, SessionEvent, TopicPartition};
+use crate::context::DeliveryContext;
 use crate::envelope::Envelope;
 use crate::pool::{HandlerResult, Outcome, Pool, Rejected, SubmitError};
 use crate::telemetry::{self, ConsumerMetrics, TopicMetrics};
 pub use frontier::Frontier;
 
-/// Handles decoded, validated envelopes of one topic, in aggregate order.
-pub type EnvelopeHandler = Arc<dyn Fn(Envelope) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
-/// Handles raw deliveries of one topic, in any order.
-pub type RawHandler = Arc<dyn Fn(Delivery) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
+/// Handles decoded, validated envelopes of one topic, in aggregate order,
+/// with each attempt's [`DeliveryContext`].
+pub type EnvelopeHandler = Arc<dyn Fn(Envelope, DeliveryContext) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
+/// Handles raw deliveries of one topic, in any order, with each attempt's
+/// [`DeliveryContext`].
+pub type RawHandler = Arc<dyn Fn(Delivery, DeliveryContext) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
 
 /// The handler registered for a topic.
 #[derive(Clone)]

@@ -13,7 +13,8 @@ use tracing::Instrument;
 
 use super::{ConsumerConfig, ConsumerStats, Handler};
 use crate::broker::{Broker, BrokerError, Delivery, Outbound, REASON_TOO_LARGE, REASON_UNDECODABLE_HEADERS};
-use crate::envelope::{aggregate_id_from, Envelope, HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_TRACE_ID};
+use crate::context::DeliveryContext;
+use crate::envelope::{aggregate_id_from, Envelope, PayloadError};
 use crate::pool::{panic_message, HandlerPanicked, HandlerResult, Key, Outcome, Step, Task};
 use crate::telemetry::TopicMetrics;
 
@@ -27,6 +28,17 @@ pub const DLQ_ORIGIN_OFFSET: &str = "x-dlq-origin-offset";
 /// Set when the broker refused the dead letter with its payload; the value
 /// is the broker's error. The payload stays at the origin position.
 pub const DLQ_PAYLOAD_OMITTED: &str = "x-dlq-payload-omitted";
+
+/// `x-dlq-reason` of an event that is not a valid envelope (`x-dlq-attempts: 0`).
+pub const REASON_DECODE: &str = "decode";
+/// `x-dlq-reason` of an event whose handler failed (or panicked) on every
+/// attempt (`x-dlq-attempts: <max_attempts>`).
+pub const REASON_HANDLER: &str = "handler";
+/// `x-dlq-reason` of an event whose handler returned a
+/// [`PayloadError`](crate::envelope::PayloadError) — a payload that does not
+/// decode into the handler's type: dead-lettered at once, not retried
+/// (`x-dlq-attempts`: the attempt that failed, 1 for `subscribe_typed`).
+pub const REASON_PAYLOAD: &str = "payload";
 
 /// The task stopped because its partition was revoked; it did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +90,17 @@ pub(super) fn build<B: Broker>(
         }
         Handler::Raw(_) => (None, None),
     };
-    let span = handle_span(&delivery, decoded.as_ref().and_then(|d| d.as_ref().ok()), key.as_deref());
+    let envelope = decoded.as_ref().and_then(|d| d.as_ref().ok());
+    let aggregate_id = match &handler {
+        Handler::Envelope(..) => key.clone(),
+        // Raw topics are not keyed; name the aggregate if headers or key do.
+        Handler::Raw(_) => {
+            aggregate_id_from(None, &delivery.headers, delivery.key.as_deref(), None).map(|id| Key::from(id.id))
+        }
+    };
+    let context = DeliveryContext::new(delivery, envelope, aggregate_id, ctx.config.retry.max_attempts);
+    let span = handle_span(&context);
+    let delivery = context.delivery();
     // The adapter could not pass the record on as its producer wrote it
     // (header bytes it cannot represent, a payload over the size limit): it
     // goes to the dead letter with what the adapter kept, in its aggregate's
@@ -86,27 +108,23 @@ pub(super) fn build<B: Broker>(
     if let Some(reason) = delivery.undeliverable() {
         let reason = [REASON_UNDECODABLE_HEADERS, REASON_TOO_LARGE].into_iter().find(|r| *r == reason);
         let detail = delivery.undeliverable_detail().unwrap_or_default();
-        let letter = DeadLetter::new(ctx, &delivery, reason.unwrap_or("undeliverable"), &detail, 0);
+        let letter = DeadLetter::new(ctx, delivery, reason.unwrap_or("undeliverable"), &detail, 0);
         return Task::stepped(key, letter.publish(span), reply);
     }
     let work = match (handler, decoded) {
         (Handler::Raw(h), _) => {
-            let run = {
-                let delivery = delivery.clone();
-                Box::new(move || h(delivery.clone()))
-                    as Box<dyn Fn() -> BoxFuture<'static, HandlerResult> + Send + Sync>
-            };
-            let job = Arc::new(Attempts { ctx, delivery, run, started: Instant::now() });
+            let run: Run = Box::new(move |c: DeliveryContext| h(c.delivery().clone(), c));
+            let job = Arc::new(Attempts { ctx, context, run, started: Instant::now() });
             attempt(job, 1, span)
         }
         (Handler::Envelope(h, _), Some(Ok(envelope))) => {
-            let run = Box::new(move || h(envelope.clone()));
-            let job = Arc::new(Attempts { ctx, delivery, run, started: Instant::now() });
+            let run: Run = Box::new(move |c| h(envelope.clone(), c));
+            let job = Arc::new(Attempts { ctx, context, run, started: Instant::now() });
             attempt(job, 1, span)
         }
         (Handler::Envelope(..), decoded) => {
             let error = decoded.and_then(Result::err).map(|e| e.to_string()).unwrap_or_default();
-            DeadLetter::new(ctx, &delivery, "decode", &error, 0).publish(span)
+            DeadLetter::new(ctx, delivery, REASON_DECODE, &error, 0).publish(span)
         }
     };
     Task::stepped(key, work, reply)
@@ -118,13 +136,13 @@ pub(super) fn build<B: Broker>(
 /// number of handler attempts made, recorded once they end; each attempt
 /// runs in a child `attempt` span of its own (recording the field on every
 /// retry would repeat it in formatted logs).
-fn handle_span(delivery: &Delivery, envelope: Option<&Envelope>, key: Option<&str>) -> tracing::Span {
+fn handle_span(context: &DeliveryContext) -> tracing::Span {
     let span = tracing::info_span!(
         "handle",
-        topic = &*delivery.topic,
-        partition = delivery.partition,
-        offset = delivery.offset,
-        delivery_attempt = delivery.attempt,
+        topic = context.topic(),
+        partition = context.partition(),
+        offset = context.offset(),
+        delivery_attempt = context.delivery_attempt(),
         attempt = Empty,
         aggregate_id = Empty,
         event_type = Empty,
@@ -134,51 +152,31 @@ fn handle_span(delivery: &Delivery, envelope: Option<&Envelope>, key: Option<&st
     if span.is_disabled() {
         return span;
     }
-    match key {
-        Some(id) => span.record("aggregate_id", id),
-        // Raw topics are not keyed; name the aggregate if headers or key do.
-        None => {
-            let id = aggregate_id_from(None, &delivery.headers, delivery.key.as_deref(), None);
-            span.record("aggregate_id", id.as_ref().map(|id| id.id.as_str()))
-        }
-    };
-    match envelope {
-        Some(e) => {
-            span.record("event_type", e.event_type.as_str());
-            span.record("trace_id", e.trace_id.as_deref().filter(|s| !s.is_empty()));
-            span.record("correlation_id", e.correlation_id.as_deref().filter(|s| !s.is_empty()));
-        }
-        None => {
-            let header = |name: &str| {
-                delivery
-                    .headers
-                    .iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                    .filter(|s| !s.is_empty())
-            };
-            span.record("event_type", header(HEADER_EVENT_TYPE));
-            span.record("trace_id", header(HEADER_TRACE_ID));
-            span.record("correlation_id", header(HEADER_CORRELATION_ID));
-        }
-    }
+    span.record("aggregate_id", context.aggregate_id());
+    span.record("event_type", context.event_type());
+    span.record("trace_id", context.trace_id());
+    span.record("correlation_id", context.correlation_id());
     span
 }
+
+/// One attempt's call of the handler, given that attempt's context.
+type Run = Box<dyn Fn(DeliveryContext) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
 
 /// One event's handling, shared by its attempts (each attempt is a step of
 /// the pool task; the waits between them park the task, not a worker).
 struct Attempts<B> {
     ctx: TaskContext<B>,
-    delivery: Delivery,
-    run: Box<dyn Fn() -> BoxFuture<'static, HandlerResult> + Send + Sync>,
+    /// The delivery and what the handler is told about it.
+    context: DeliveryContext,
+    run: Run,
     started: Instant,
 }
 
 /// Calls the handler once. A panic counts as a failure wherever it happens:
 /// in the call that builds the future (the synchronous part) or while the
 /// future runs.
-async fn run_once(run: &(dyn Fn() -> BoxFuture<'static, HandlerResult> + Send + Sync)) -> HandlerResult {
-    let future = match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+async fn run_once(run: &Run, context: DeliveryContext) -> HandlerResult {
+    let future = match std::panic::catch_unwind(AssertUnwindSafe(move || run(context))) {
         Ok(future) => future,
         Err(panic) => return Err(Box::new(HandlerPanicked(panic_message(&*panic)))),
     };
@@ -192,7 +190,7 @@ fn attempt<B: Broker>(job: Arc<Attempts<B>>, attempt: u32, span: tracing::Span) 
     let outer = span.clone();
     async move {
         let ctx = &job.ctx;
-        let delivery = &job.delivery;
+        let delivery = job.context.delivery();
         let attempts = ctx.config.retry.max_attempts.max(1);
         // Revoked while queued or between attempts: the next owner redoes it.
         if ctx.fenced() {
@@ -201,7 +199,9 @@ fn attempt<B: Broker>(job: Arc<Attempts<B>>, attempt: u32, span: tracing::Span) 
             }
             return Step::Done(Err(Box::new(Fenced)));
         }
-        let result = run_once(&*job.run).instrument(tracing::info_span!("attempt", attempt)).await;
+        let result = run_once(&job.run, job.context.with_attempt(attempt))
+            .instrument(tracing::info_span!("attempt", attempt))
+            .await;
         match result {
             Ok(()) => {
                 ConsumerStats::bump(&ctx.stats.handled);
@@ -213,9 +213,12 @@ fn attempt<B: Broker>(job: Arc<Attempts<B>>, attempt: u32, span: tracing::Span) 
             Err(e) => {
                 ctx.metrics.failed.increment(1);
                 let error = e.to_string();
+                // The payload does not decode into the handler's type: no
+                // retry can change that, so it is dead-lettered at once.
+                let undecodable = e.is::<PayloadError>();
                 tracing::debug!(topic = %delivery.topic, offset = delivery.offset, attempt, error = %error,
-                    "handler failed");
-                if attempt < attempts {
+                    undecodable, "handler failed");
+                if attempt < attempts && !undecodable {
                     ConsumerStats::bump(&ctx.stats.retried);
                     ctx.metrics.retried.increment(1);
                     // Wait without holding a worker; the key stays held.
@@ -223,8 +226,9 @@ fn attempt<B: Broker>(job: Arc<Attempts<B>>, attempt: u32, span: tracing::Span) 
                     return Step::Park { until, then: self::attempt(job.clone(), attempt + 1, span) };
                 }
                 ctx.metrics.observe_handling(job.started.elapsed());
-                tracing::Span::current().record("attempt", attempts);
-                let letter = DeadLetter::new(ctx.clone(), delivery, "handler", &error, attempts);
+                tracing::Span::current().record("attempt", attempt);
+                let reason = if undecodable { REASON_PAYLOAD } else { REASON_HANDLER };
+                let letter = DeadLetter::new(ctx.clone(), delivery, reason, &error, attempt);
                 letter.publish(span).await
             }
         }
