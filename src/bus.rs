@@ -480,6 +480,36 @@ impl<B: Broker> EventBus<B> {
     /// payload`, the [`PayloadError`](crate::PayloadError) as `x-dlq-error`
     /// and no retries, in its aggregate's place (later events of that
     /// aggregate wait for it; other aggregates do not).
+    ///
+    /// ```
+    /// use eventbus::{DeliveryContext, Envelope, EventBus, MemoryBroker};
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct OrderPlaced {
+    ///     amount: u64,
+    /// }
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::builder(MemoryBroker::default()).group("billing").build()?;
+    /// bus.subscribe_typed("orders", |order: OrderPlaced, envelope: Envelope, ctx: DeliveryContext| async move {
+    ///     println!(
+    ///         "{} of {}: {} at {}[{}]@{}, attempt {}, trace {:?}",
+    ///         order.amount,
+    ///         envelope.aggregate_id,
+    ///         envelope.event_type,
+    ///         ctx.topic(),
+    ///         ctx.partition(),
+    ///         ctx.offset(),
+    ///         ctx.attempt(),
+    ///         ctx.trace_id(),
+    ///     );
+    ///     Ok(())
+    /// })
+    /// .await?;
+    /// bus.start().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn subscribe_typed<T, F, Fut>(&self, topic: &str, handler: F) -> Result<(), SubscribeError>
     where
         T: DeserializeOwned + Send + 'static,
