@@ -7,6 +7,8 @@
 //! (`ordered_handler_context_matches_the_broker_positions`).
 #![cfg(not(feature = "loom"))]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -427,4 +429,37 @@ fn decode_payload_returns_a_typed_error() {
     let ok = Envelope::new("agg-1", "OrderPlaced", 6, &serde_json::json!({ "amount": 60, "version": 6 })).unwrap();
     let order: Order = ok.decode_payload().unwrap();
     assert_eq!((order.amount, order.version), (60, 6));
+}
+
+/// The metrics of an undecodable typed payload: one failed attempt, no
+/// retry, one dead letter under `reason="payload"` (`docs/operations.md`).
+#[test]
+fn an_undecodable_typed_payload_is_counted_under_its_own_reason() {
+    use eventbus::telemetry as t;
+    common::recorder::paused_with_recorder(|values| async move {
+        let broker = MemoryBroker::default();
+        broker.ensure_topic("orders", 1).await.unwrap();
+        let bus = EventBus::builder(broker.clone()).config(defaults("ctx-metrics")).build().unwrap();
+        let (done_tx, mut done) = mpsc::unbounded_channel::<i64>();
+        bus.subscribe_typed("orders", move |order: Order, _env: Envelope, _ctx: DeliveryContext| {
+            done_tx.send(order.version).unwrap();
+            std::future::ready(Ok(()))
+        })
+        .await
+        .unwrap();
+        bus.start().await.unwrap();
+        let poison = Envelope::new("agg-1", "OrderPlaced", 1, &serde_json::json!({ "amount": "x" })).unwrap();
+        bus.publish_envelope("orders", &poison).await.unwrap();
+        let good =
+            Envelope::new("agg-1", "OrderPlaced", 2, &serde_json::json!({ "amount": 20, "version": 2 })).unwrap();
+        bus.publish_envelope("orders", &good).await.unwrap();
+        assert_eq!(next(&mut done, "the good event handled after the dead letter").await, 2);
+        bus.close().await;
+        let topic = [("topic", "orders")];
+        assert_eq!(values.counter_or_zero(t::DEAD_LETTERED, &[("topic", "orders"), ("reason", "payload")]), 1);
+        assert_eq!(values.counter_or_zero(t::DEAD_LETTERED, &[("topic", "orders"), ("reason", "handler")]), 0);
+        assert_eq!(values.counter_or_zero(t::FAILED, &topic), 1);
+        assert_eq!(values.counter_or_zero(t::RETRIED, &topic), 0);
+        assert_eq!(values.counter_or_zero(t::HANDLED, &topic), 1);
+    });
 }
