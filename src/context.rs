@@ -50,16 +50,9 @@ pub struct DeliveryContext {
 struct Shared {
     delivery: Delivery,
     aggregate_id: Option<Arc<str>>,
-    /// The decoded envelope's fields, on ordered topics.
-    envelope: Option<EnvelopeFields>,
+    /// The decoded envelope, on ordered topics.
+    envelope: Option<Envelope>,
     max_attempts: u32,
-}
-
-#[derive(Debug)]
-struct EnvelopeFields {
-    event_type: String,
-    trace_id: Option<String>,
-    correlation_id: Option<String>,
 }
 
 impl DeliveryContext {
@@ -78,15 +71,10 @@ impl DeliveryContext {
     /// topic, the aggregate the headers or key name).
     pub(crate) fn new(
         delivery: Delivery,
-        envelope: Option<&Envelope>,
+        envelope: Option<Envelope>,
         aggregate_id: Option<Arc<str>>,
         max_attempts: u32,
     ) -> Self {
-        let envelope = envelope.map(|e| EnvelopeFields {
-            event_type: e.event_type.clone(),
-            trace_id: e.trace_id.clone(),
-            correlation_id: e.correlation_id.clone(),
-        });
         let shared = Shared { delivery, aggregate_id, envelope, max_attempts: max_attempts.max(1) };
         DeliveryContext { shared: Arc::new(shared), attempt: 1 }
     }
@@ -100,6 +88,11 @@ impl DeliveryContext {
     /// The delivery this context describes (payload included).
     pub(crate) fn delivery(&self) -> &Delivery {
         &self.shared.delivery
+    }
+
+    /// The decoded envelope, on ordered topics.
+    pub(crate) fn envelope(&self) -> Option<&Envelope> {
+        self.shared.envelope.as_ref()
     }
 
     /// The topic the message was read from (for JetStream, the stream).
@@ -248,7 +241,7 @@ mod tests {
     fn envelope_ids_win_over_headers_and_attempts_share_the_delivery() {
         let d = delivery(vec![("X-Trace-ID", b"from-header"), ("X-Correlation-ID", b"c-header")], None);
         let e = Envelope::new("agg-2", "Created", 1, &1).unwrap().with_trace_id("from-envelope");
-        let c = DeliveryContext::new(d, Some(&e), Some("agg-2".into()), 3);
+        let c = DeliveryContext::new(d, Some(e), Some("agg-2".into()), 3);
         assert_eq!(c.trace_id(), Some("from-envelope"));
         assert_eq!(c.correlation_id(), Some("c-header"), "the envelope has none: the header's");
         assert_eq!(c.event_type(), Some("Created"));

@@ -90,7 +90,11 @@ pub(super) fn build<B: Broker>(
         }
         Handler::Raw(_) => (None, None),
     };
-    let envelope = decoded.as_ref().and_then(|d| d.as_ref().ok());
+    let (envelope, decode_error) = match decoded {
+        Some(Ok(envelope)) => (Some(envelope), None),
+        Some(Err(error)) => (None, Some(error)),
+        None => (None, None),
+    };
     let aggregate_id = match &handler {
         Handler::Envelope(..) => key.clone(),
         // Raw topics are not keyed; name the aggregate if headers or key do.
@@ -111,19 +115,23 @@ pub(super) fn build<B: Broker>(
         let letter = DeadLetter::new(ctx, delivery, reason.unwrap_or("undeliverable"), &detail, 0);
         return Task::stepped(key, letter.publish(span), reply);
     }
-    let work = match (handler, decoded) {
-        (Handler::Raw(h), _) => {
+    let work = match handler {
+        Handler::Raw(h) => {
             let run: Run = Box::new(move |c: DeliveryContext| h(c.delivery().clone(), c));
             let job = Arc::new(Attempts { ctx, context, run, started: Instant::now() });
             attempt(job, 1, span)
         }
-        (Handler::Envelope(h, _), Some(Ok(envelope))) => {
-            let run: Run = Box::new(move |c| h(envelope.clone(), c));
+        // The context holds the decoded envelope; each attempt gets a copy.
+        Handler::Envelope(h, _) if context.envelope().is_some() => {
+            let run: Run = Box::new(move |c: DeliveryContext| {
+                let envelope = c.envelope().cloned().expect("checked when the task was built");
+                h(envelope, c)
+            });
             let job = Arc::new(Attempts { ctx, context, run, started: Instant::now() });
             attempt(job, 1, span)
         }
-        (Handler::Envelope(..), decoded) => {
-            let error = decoded.and_then(Result::err).map(|e| e.to_string()).unwrap_or_default();
+        Handler::Envelope(..) => {
+            let error = decode_error.map(|e| e.to_string()).unwrap_or_default();
             DeadLetter::new(ctx, delivery, REASON_DECODE, &error, 0).publish(span)
         }
     };
