@@ -463,3 +463,52 @@ fn an_undecodable_typed_payload_is_counted_under_its_own_reason() {
         assert_eq!(values.counter_or_zero(t::HANDLED, &topic), 1);
     });
 }
+
+/// A broker redelivery (the first consumer closed with the event unfinished,
+/// so it was never committed) starts the handler attempts again at 1, and
+/// the context's `delivery_attempt` says the broker delivered it before.
+#[tokio::test(start_paused = true)]
+async fn a_broker_redelivery_restarts_the_attempts_and_says_so() {
+    let broker = MemoryBroker::default();
+    broker.ensure_topic("orders", 1).await.unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<(&'static str, u32, u32, u64)>();
+    let mut config = defaults("ctx-redelivery");
+    config.close_timeout = Some(Duration::from_secs(1));
+    let first = EventBus::builder(broker.clone()).config(config).build().unwrap();
+    {
+        let seen_tx = seen_tx.clone();
+        // Fails its first attempt, then never finishes its second.
+        first
+            .subscribe_ordered("orders", move |_env, ctx| {
+                seen_tx.send(("first", ctx.attempt(), ctx.delivery_attempt(), ctx.offset())).unwrap();
+                let attempt = ctx.attempt();
+                async move {
+                    if attempt == 1 {
+                        return Err("transient".into());
+                    }
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+    }
+    first.start().await.unwrap();
+    first.publish_envelope("orders", &Envelope::new("agg-1", "Updated", 1, &1).unwrap()).await.unwrap();
+    assert_eq!(next(&mut seen, "first attempt").await, ("first", 1, 1, 0));
+    assert_eq!(next(&mut seen, "second attempt").await, ("first", 2, 1, 0));
+    let report = first.close().await;
+    assert_eq!(report.handed_back, 1, "the unfinished event is handed back uncommitted");
+
+    let second = EventBus::builder(broker.clone()).config(defaults("ctx-redelivery")).build().unwrap();
+    second
+        .subscribe_ordered("orders", move |_env, ctx| {
+            seen_tx.send(("second", ctx.attempt(), ctx.delivery_attempt(), ctx.offset())).unwrap();
+            std::future::ready(Ok(()))
+        })
+        .await
+        .unwrap();
+    second.start().await.unwrap();
+    assert_eq!(next(&mut seen, "redelivered").await, ("second", 1, 2, 0));
+    second.close().await;
+}
