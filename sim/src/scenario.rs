@@ -9,8 +9,8 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use crate::builder::Builder;
 use crate::history::EventId;
-use crate::runner::Builder;
 
 /// FNV-1a over `parts`: a stable, seedable hash for per-event decisions.
 pub fn mix(parts: &[&[u8]]) -> u64 {
