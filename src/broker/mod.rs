@@ -4,6 +4,7 @@
 //! production consumer runs unchanged on all of them.
 
 pub mod memory;
+pub mod plan;
 pub mod secret;
 #[cfg(feature = "nats")] pub mod nats;
 #[cfg(feature = "nats")] pub mod nats_security;
