@@ -1,5 +1,13 @@
 //! Same seed, same run: the full history of a faulty seed hashes the same
-//! twice, and differs from another seed's.
+//! twice in this process and in two fresh processes (the `sim` binary's
+//! replay), and differs from another seed's.
+//!
+//! In-process repeats share whatever a process draws once (std's and ahash's
+//! random hash keys, tokio's per-thread rngs); separate processes draw them
+//! anew, so an unbiased `select!` or a randomly keyed map that is iterated
+//! somewhere on the simulated path shows up as a different hash there.
+
+use std::process::Command;
 
 use sim::scenario::{Action, Scenario};
 use sim::Builder;
@@ -36,4 +44,32 @@ fn same_seed_same_history() {
 
     let other = sim::run_seed(&cfg, seed + 1);
     assert_ne!(a.trace_hash, other.trace_hash, "different seeds, different runs");
+}
+
+/// The trace hash the `sim` binary prints when it replays `seed`.
+fn replay_hash(seed: u64) -> u64 {
+    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(["--seed", &seed.to_string()])
+        .output()
+        .expect("the sim binary runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "replay of seed {seed} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let hex = text
+        .split("trace hash ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no trace hash in the replay's output:\n{text}"));
+    u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("trace hash {hex:?}: {e}"))
+}
+
+#[test]
+fn same_seed_same_hash_in_fresh_processes() {
+    let cfg = Builder::new();
+    let seed = rich_seed(&cfg);
+    let here = sim::run_seed(&cfg, seed);
+    assert!(here.passed(), "{}", here.failure_text());
+    let first = replay_hash(seed);
+    let second = replay_hash(seed);
+    assert_eq!(first, second, "seed {seed}: two processes, two histories");
+    assert_eq!(first, here.trace_hash, "seed {seed}: the replay command reproduces the test's run");
 }

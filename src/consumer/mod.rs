@@ -576,6 +576,8 @@ impl<B: Broker> Consumer<B> {
         let deadline = tokio::time::Instant::now() + self.config.revoke_timeout;
         while tps.iter().any(|tp| self.partitions.get(tp).is_some_and(|p| p.frontier.in_flight() > 0)) {
             tokio::select! {
+                // Deterministic: a completion that is ready wins over the deadline.
+                biased;
                 Some(c) = done.recv() => self.on_completion(c),
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(?tps, "revoke timed out waiting for running handlers; their results will be fenced");
