@@ -204,6 +204,19 @@ impl Broker {
             Request::Commit { group, member, offsets } => self.commit(&group, member, offsets),
             Request::Release { group, member, partitions } => self.release(&group, member, partitions),
             Request::SetTopics { group, member, topics } => self.set_topics(&group, member, topics),
+            Request::Lag { group, topics } => {
+                let d = self.disk.lock();
+                let mut partitions = Vec::new();
+                for topic in topics {
+                    let Some(logs) = d.topics.get(&topic) else { continue };
+                    for (p, log) in logs.iter().enumerate() {
+                        let tp = WireTp { topic: topic.clone(), partition: p as u32 };
+                        let committed = d.committed.get(&(group.clone(), tp.clone())).copied().unwrap_or(0);
+                        partitions.push((tp, log.len() as u64, committed));
+                    }
+                }
+                Response::Lag { partitions }
+            }
             Request::Leave { group, member } => {
                 let mut coord = self.coord.borrow_mut();
                 if let Some(g) = coord.groups.get_mut(&group) {
@@ -360,8 +373,22 @@ impl Broker {
 
     fn commit(&self, group: &str, member: u64, offsets: Vec<(WireTp, u64)>) -> Response {
         let mut coord = self.coord.borrow_mut();
-        let Some(g) = coord.groups.get_mut(group) else { return Response::UnknownMember };
-        let Some(m) = g.members.get_mut(&member) else { return Response::UnknownMember };
+        // A member the group no longer knows (expired, left, or of a previous
+        // boot) commits nothing: fenced like a non-owner.
+        let fenced = |offsets: &[(WireTp, u64)]| {
+            for (tp, offset) in offsets {
+                self.history.record(Event::Commit {
+                    client: format!("gone member {member}"),
+                    member,
+                    tp: (tp.topic.clone(), tp.partition),
+                    offset: *offset,
+                    accepted: false,
+                });
+            }
+            Response::UnknownMember
+        };
+        let Some(g) = coord.groups.get_mut(group) else { return fenced(&offsets) };
+        let Some(m) = g.members.get_mut(&member) else { return fenced(&offsets) };
         m.last_seen = Instant::now();
         let client = m.client.clone();
         // Fencing: only the current owner may commit a partition.

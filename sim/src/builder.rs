@@ -40,6 +40,12 @@ pub struct Builder {
     pub handler_panics: bool,
     /// The nemesis may make the broker refuse dead letters for a while.
     pub dead_letter_refusals: bool,
+    /// The nemesis may turn the clients' self-release off (stale commits).
+    pub no_self_release: bool,
+    /// The nemesis may shorten the consumers' revoke timeout below handler times.
+    pub short_revoke_timeouts: bool,
+    /// Half the seeds run turmoil's hosts in a random order per step.
+    pub random_order: bool,
 }
 
 impl Default for Builder {
@@ -65,6 +71,9 @@ impl Default for Builder {
             tick: Duration::from_millis(1),
             handler_panics: true,
             dead_letter_refusals: true,
+            no_self_release: true,
+            short_revoke_timeouts: true,
+            random_order: true,
         }
     }
 }
@@ -108,6 +117,18 @@ impl Builder {
     }
     pub fn dead_letter_refusals(&mut self, on: bool) -> &mut Self {
         self.dead_letter_refusals = on;
+        self
+    }
+    pub fn no_self_release(&mut self, on: bool) -> &mut Self {
+        self.no_self_release = on;
+        self
+    }
+    pub fn short_revoke_timeouts(&mut self, on: bool) -> &mut Self {
+        self.short_revoke_timeouts = on;
+        self
+    }
+    pub fn random_order(&mut self, on: bool) -> &mut Self {
+        self.random_order = on;
         self
     }
     pub fn events(&mut self, n: usize) -> &mut Self {

@@ -36,6 +36,8 @@ pub struct RunReport {
     pub events: i64,
     pub faulty: bool,
     pub schedule: Vec<(Duration, Action)>,
+    /// The nemesis' switches of the seed (`Scenario::switches`).
+    pub switches: Vec<String>,
     pub counts: Counts,
 }
 
@@ -96,8 +98,8 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
     let started = Instant::now();
     let scenario = Scenario::generate(cfg, seed);
     let topics: Vec<String> = cfg.topics.iter().map(|t| t.0.clone()).collect();
-    let client = ClientConfig::default();
-    let bus = consumer_bus_config(cfg.max_attempts, scenario.close_timeout);
+    let client = ClientConfig { self_release: scenario.self_release, ..ClientConfig::default() };
+    let bus = consumer_bus_config(cfg.max_attempts, scenario.close_timeout, scenario.revoke_timeout);
     let world = Arc::new(World::new(scenario.clone(), topics.clone(), cfg.consumers, client.clone(), bus));
     let history = world.history.clone();
     let _panics = crate::history::record_panics(&history);
@@ -109,7 +111,11 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
         idle_timeout: Duration::from_secs(5),
     };
 
-    let mut sim = turmoil::Builder::new()
+    let mut builder = turmoil::Builder::new();
+    if scenario.random_order {
+        builder.enable_random_order();
+    }
+    let mut sim = builder
         .rng_seed(seed)
         .epoch(epoch())
         .tick_duration(cfg.tick)
@@ -129,6 +135,9 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
     }
     for p in 0..cfg.producers {
         sim.client(Node::Producer(p).name(), producer_client(world.clone(), p));
+    }
+    for switch in scenario.switches() {
+        history.record_at(0, Event::Fault(switch));
     }
     if scenario.fail_rate > 0.0 {
         sim.set_fail_rate(scenario.fail_rate);
@@ -165,17 +174,17 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
                     true
                 }
                 Action::CrashBroker if broker_up => {
-                    sim.crash(broker::BROKER);
+                    history.hold(|| sim.crash(broker::BROKER));
                     broker_up = false;
                     true
                 }
                 Action::RestartBroker if !broker_up => {
-                    sim.bounce(broker::BROKER);
+                    history.hold(|| sim.bounce(broker::BROKER));
                     broker_up = true;
                     true
                 }
                 Action::CrashConsumer(i) if consumers[*i] == Up::Running => {
-                    sim.crash(Node::Consumer(*i).name());
+                    history.hold(|| sim.crash(Node::Consumer(*i).name()));
                     consumers[*i] = Up::Crashed;
                     true
                 }
@@ -217,7 +226,7 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
             sim.set_max_message_latency(scenario.max_latency);
             world.disk.lock().refuse_dead_letters = false;
             if !broker_up {
-                sim.bounce(broker::BROKER);
+                history.hold(|| sim.bounce(broker::BROKER));
                 broker_up = true;
             }
             restart_wanted.iter_mut().for_each(|r| *r = true);
@@ -238,7 +247,7 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
             };
             if ready {
                 world.ctl[i].send_replace(Ctl::Run);
-                sim.bounce(name.as_str());
+                history.hold(|| sim.bounce(name.as_str()));
                 consumers[i] = Up::Running;
                 restart_wanted[i] = false;
                 history.record_at(now.as_millis() as u64, Event::Fault(format!("restart consumer-{i}")));
@@ -313,6 +322,7 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
         wall_time: started.elapsed(),
         events: scenario.events(),
         faulty: scenario.faulty(),
+        switches: scenario.switches(),
         schedule: scenario.schedule,
     }
 }
