@@ -387,11 +387,12 @@ impl Counts {
                 Event::End { inc, id, .. } => {
                     running.remove(&(inc.clone(), id.clone()));
                 }
-                Event::Release { client, tps, .. } => {
-                    if running.iter().any(|(inc, id)| inc == client && home.get(id).is_some_and(|tp| tps.contains(tp)))
-                    {
-                        c.revoke_timeouts += 1;
-                    }
+                Event::Release { client, tps, .. }
+                    if running
+                        .iter()
+                        .any(|(inc, id)| inc == client && home.get(id).is_some_and(|tp| tps.contains(tp))) =>
+                {
+                    c.revoke_timeouts += 1;
                 }
                 _ => {}
             }

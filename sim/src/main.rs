@@ -134,6 +134,22 @@ fn main() -> ExitCode {
     let mut counts = sim::history::Counts::default();
     reports.iter().for_each(|r| counts.add(&r.counts));
     println!("totals: {counts:?}");
+    let mut faults: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for r in &reports {
+        for (_, action) in &r.schedule {
+            // "crash consumer-2" and "crash consumer-0" are one kind.
+            let mut kind = String::new();
+            for c in action.to_string().chars() {
+                if !c.is_ascii_digit() {
+                    kind.push(c);
+                } else if !kind.ends_with('N') {
+                    kind.push('N');
+                }
+            }
+            *faults.entry(kind).or_default() += 1;
+        }
+    }
+    println!("scheduled faults: {faults:?}");
     let stale = |r: &&sim::RunReport| r.counts.no_self_release > 0;
     println!(
         "without self-release: {} seeds, {} rejected commits (other seeds: {})",

@@ -4,7 +4,9 @@
 //! partitioner would choose (murmur2), unkeyed ones round-robin. Consumer
 //! groups have members that join and leave; every membership change
 //! rebalances with revoke before assign: a partition moves to its new owner
-//! only after the old owner released it (or left). Each group keeps its
+//! only after the old owner released it (or left); the moves are planned by
+//! [`super::plan::plan`] (even per topic, sticky), the planner the
+//! simulator's broker uses too. Each group keeps its
 //! committed offsets, and a new owner resumes from them, so uncommitted work
 //! is redelivered. Everything is deterministic: ordered maps, and no
 //! randomness beyond the configured, seeded publish jitter.
