@@ -8,7 +8,9 @@ pub mod envelope;
 pub mod config;
 pub mod broker;
 pub mod consumer;
+pub mod error;
 pub mod backlog;
+pub mod status;
 pub mod callbacks;
 pub mod health;
 pub mod observer;
@@ -17,6 +19,7 @@ pub mod settings;
 #[cfg(feature = "testing")]
 pub mod checker;
 pub mod telemetry;
+mod metric_names;
 #[cfg(feature = "planted-bugs")]
 pub mod planted;
 
@@ -27,6 +30,8 @@ pub use broker::{
 };
 pub use backlog::{BacklogEvent, BacklogSource};
 pub use bus::{BusConfig, EventBus};
+pub use error::{ConfigError, PublishError, SubscribeError};
+pub use status::CloseReport;
 pub use broker::secret::Secret;
 pub use settings::{BrokerConfig, BrokerKind};
 pub use callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};

@@ -71,7 +71,7 @@ use super::{
     Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
     TopicPartition,
 };
-use crate::consumer::task_headers::{
+use super::{
     DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED, DLQ_REASON,
 };
 use crate::envelope::{extract_aggregate_id, Envelope, HEADER_AGGREGATE_ID};
@@ -1968,7 +1968,7 @@ impl TopicActor {
         match result {
             Ok(position) => {
                 metrics::counter!(
-                    crate::telemetry::DEAD_LETTERED,
+                    crate::metric_names::DEAD_LETTERED,
                     "topic" => self.topic.to_string(),
                     "reason" => REASON_UNDECODABLE_HEADERS
                 )

@@ -10,9 +10,10 @@
 pub mod frontier;
 mod task;
 
-/// Header names of dead-letter messages.
+/// Header names of dead-letter messages (defined in [`crate::broker`], where
+/// the adapters that write dead letters themselves find them too).
 pub mod task_headers {
-    pub use super::task::{
+    pub use crate::broker::{
         DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED, DLQ_REASON,
     };
 }
