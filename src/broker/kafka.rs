@@ -248,7 +248,7 @@ pub struct KafkaConfig {
     #[serde(with = "crate::config::millis")]
     pub revoke_timeout: Duration,
     /// Messages buffered between the poll thread and the consumer before the
-    /// assigned partitions are paused (see [`KafkaConfig::bounded_by_pool`]).
+    /// assigned partitions are paused (see [`KafkaConfig::bounded`]).
     pub max_buffered: usize,
     /// The largest record payload the sessions copy out of librdkafka. A
     /// larger record is delivered without its payload, marked undeliverable
@@ -338,11 +338,12 @@ const RESERVED: &[(&str, &str)] = &[
 ];
 
 impl KafkaConfig {
-    /// Caps `max_buffered` (the messages read ahead of the consumer) at the
-    /// pool capacity.
+    /// Caps `max_buffered` (the messages read ahead of the consumer) at
+    /// `capacity` (at least 1); pass the bus's `pool.capacity`, so no more
+    /// is read ahead than the pool can hold.
     #[must_use]
-    pub fn bounded_by_pool(mut self, pool: &crate::pool::PoolConfig) -> Self {
-        self.max_buffered = self.max_buffered.min(pool.capacity.max(1));
+    pub fn bounded(mut self, capacity: usize) -> Self {
+        self.max_buffered = self.max_buffered.min(capacity.max(1));
         self
     }
 

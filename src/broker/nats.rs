@@ -216,7 +216,7 @@ pub struct NatsConfig {
     pub ack_wait: Duration,
     /// Delivered-but-unacknowledged messages per durable. Every one of them
     /// is held by the session (and usually queued in the pool), so keep it at
-    /// most the pool capacity: see [`NatsConfig::bounded_by_pool`].
+    /// most the pool capacity: see [`NatsConfig::bounded`].
     pub max_ack_pending: i64,
     /// Progress-ack period of held messages; 0 = a third of `ack_wait`.
     #[serde(with = "crate::config::millis")]
@@ -289,11 +289,12 @@ fn config_error(key: &str, reason: impl Into<String>) -> BrokerError {
 }
 
 impl NatsConfig {
-    /// Caps `max_ack_pending` (and so the messages a session holds) at the
-    /// pool capacity.
+    /// Caps `max_ack_pending` (and so the messages a session holds) at
+    /// `capacity` (at least 1); pass the bus's `pool.capacity`, so a session
+    /// holds no more than the pool can.
     #[must_use]
-    pub fn bounded_by_pool(mut self, pool: &crate::pool::PoolConfig) -> Self {
-        let cap = i64::try_from(pool.capacity).unwrap_or(i64::MAX).max(1);
+    pub fn bounded(mut self, capacity: usize) -> Self {
+        let cap = i64::try_from(capacity).unwrap_or(i64::MAX).max(1);
         self.max_ack_pending = self.max_ack_pending.min(cap);
         self
     }
