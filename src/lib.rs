@@ -17,7 +17,7 @@ pub mod observer;
 pub mod bus;
 pub mod settings;
 #[cfg(feature = "testing")]
-pub mod checker;
+pub mod testing;
 pub mod telemetry;
 mod metric_names;
 #[cfg(feature = "planted-bugs")]

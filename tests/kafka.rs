@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use eventbus::broker::kafka::{KafkaBroker, KafkaConfig, KafkaSession, RebalanceStrategy};
 use eventbus::bus::BusConfig;
-use eventbus::checker::OrderChecker;
+use eventbus::testing::OrderChecker;
 use eventbus::pool::PoolConfig;
 use eventbus::{Broker, BrokerError, Envelope, EventBus, Outbound, Position, Session, SessionEvent, TopicPartition};
 use foreign_kafka::{header, read_topic};

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus::broker::nats::{NatsBroker, NatsConfig};
-use eventbus::checker::OrderChecker;
+use eventbus::testing::OrderChecker;
 use eventbus::consumer::RetryConfig;
 use eventbus::{Broker, Envelope, EventBus};
 use tokio::sync::{mpsc, watch};

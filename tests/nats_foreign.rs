@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::scenario::{checked_handler, event, init_tracing, unique, wait_for, Dropped, Progress};
 use eventbus::broker::nats::{NatsBroker, NatsConfig, HEADER_RAW_HEADERS, REASON_UNDECODABLE_HEADERS};
-use eventbus::checker::OrderChecker;
+use eventbus::testing::OrderChecker;
 use eventbus::consumer::task_headers::{DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_TOPIC, DLQ_REASON};
 use eventbus::envelope::HEADER_AGGREGATE_ID;
 use eventbus::EventBus;

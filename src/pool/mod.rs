@@ -179,7 +179,7 @@ impl Task {
 
 /// What `close` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CloseReport {
+pub struct DrainReport {
     /// Tasks handed back unprocessed because the deadline passed first
     /// (queued ones plus cancelled in-flight ones).
     pub handed_back: usize,
@@ -197,7 +197,7 @@ struct Shared {
     /// The task that moves parked tasks whose time has come to the ready list.
     timer: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// The one close, once started: later and concurrent calls await it.
-    closing: std::sync::Mutex<Option<SharedFuture<BoxFuture<'static, CloseReport>>>>,
+    closing: std::sync::Mutex<Option<SharedFuture<BoxFuture<'static, DrainReport>>>>,
 }
 
 /// The global keyed worker pool. Cloning shares the same pool.
@@ -307,7 +307,7 @@ impl Pool {
     /// The drain runs in a task of its own, so it finishes even if this
     /// future is dropped midway; every call (concurrent or later) waits for
     /// that one drain and gets its report. The first call's deadline counts.
-    pub async fn close(&self, deadline: Option<Duration>) -> CloseReport {
+    pub async fn close(&self, deadline: Option<Duration>) -> DrainReport {
         let closing = {
             let mut slot = self.shared.closing.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert_with(|| {
@@ -329,7 +329,7 @@ impl Pool {
                         Ok(report) => report,
                         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                         // Cancelled: the runtime is shutting down and took the workers with it.
-                        Err(_) => CloseReport { handed_back: 0, timed_out: true },
+                        Err(_) => DrainReport { handed_back: 0, timed_out: true },
                     }
                 }
                 .boxed()
@@ -349,8 +349,8 @@ async fn drain(
     mut workers: Vec<JoinHandle<()>>,
     timer: Option<JoinHandle<()>>,
     deadline: Option<Duration>,
-) -> CloseReport {
-    let mut report = CloseReport::default();
+) -> DrainReport {
+    let mut report = DrainReport::default();
     // Handles joined so far: a JoinHandle must not be awaited again
     // after it completed, so the abort path only joins the rest.
     let mut joined = 0;
