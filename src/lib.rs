@@ -2,10 +2,10 @@
 //! through one global keyed worker pool — per-aggregate order, cross-aggregate
 //! parallelism, and guarantees that are model-checked, property-tested and simulated.
 
-pub mod sync;
+mod sync;
 pub mod pool;
 pub mod envelope;
-pub mod config;
+mod config;
 pub mod broker;
 pub mod consumer;
 pub mod error;

@@ -7,10 +7,18 @@
 //! messages are bounded by `capacity`; submitters wait for room up to
 //! `wait_timeout`, then get [`SubmitError::QueueFull`].
 //!
-//! [`core`] holds the queues and is model-checked by loom; this module is
+//! `core` holds the queues and is model-checked by loom; this module is
 //! the tokio executor on top of it.
 
+// The loom models (`tests/loom_pool.rs`, feature `loom`) and the property
+// tests (`tests/pool_props.rs`, feature `testing`) drive the core directly;
+// it is not service API.
+#[cfg(any(feature = "loom", feature = "testing"))]
+#[doc(hidden)]
 pub mod core;
+#[cfg(not(any(feature = "loom", feature = "testing")))]
+#[allow(dead_code)] // parts only the models and property tests call
+mod core;
 
 use std::any::Any;
 use std::fmt;
