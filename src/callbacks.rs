@@ -22,7 +22,10 @@ pub enum ConnectionEvent {
     /// The client lost its broker.
     Disconnected,
     /// The client reaches its broker again after `down_for`.
-    Reconnected { down_for: Duration },
+    Reconnected {
+        /// How long the connection was down.
+        down_for: Duration,
+    },
 }
 
 /// Health messages stopped arriving within the window, or resumed.
@@ -30,9 +33,17 @@ pub enum ConnectionEvent {
 pub enum HealthAlert {
     /// No health message for `window`. `last_seen` is when the last one
     /// arrived (`None`: none since the monitor started).
-    Missing { window: Duration, last_seen: Option<SystemTime> },
+    Missing {
+        /// The configured window (`observability.health.window`).
+        window: Duration,
+        /// When the last health message arrived.
+        last_seen: Option<SystemTime>,
+    },
     /// A health message from `instance` arrived after an alert.
-    Restored { instance: String },
+    Restored {
+        /// The instance ID of that message.
+        instance: String,
+    },
 }
 
 /// The outcome of one `publish_envelope`.

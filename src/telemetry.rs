@@ -20,7 +20,7 @@ pub use crate::metric_names::*;
 
 /// Registers a description and unit for every metric with the installed
 /// recorder (exporters show them as `# HELP`). Call it after installing one;
-/// [`install_prometheus`] does.
+/// `install_prometheus` (feature `prometheus`) does.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(PUBLISHED, Unit::Count, "Messages the broker acknowledged");

@@ -163,12 +163,18 @@ pub enum Partitioner {
     /// murmur2 of the key, as the Java client and the memory broker.
     #[default]
     Murmur2Random,
+    /// murmur2 of the key; keyless messages all go to one partition
+    /// (`murmur2_random` spreads them at random).
     Murmur2,
     /// CRC32 of the key, librdkafka's own default.
     ConsistentRandom,
+    /// CRC32 of the key; keyless (and empty-key) messages all go to one partition.
     Consistent,
+    /// FNV-1a of the key (the hash of the Go Sarama client); keyless messages spread at random.
     Fnv1aRandom,
+    /// FNV-1a of the key; keyless messages all go to one partition.
     Fnv1a,
+    /// Any partition, at random (no per-key order: not for keyed events).
     Random,
 }
 
@@ -713,7 +719,7 @@ fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
 ///
 /// librdkafka reports `AllBrokersDown` through the error callback when it
 /// lost every broker connection, but reports no recovery; its statistics,
-/// every [`STATISTICS_INTERVAL_MS`], list each broker's state, and one in
+/// every `STATISTICS_INTERVAL_MS`, list each broker's state, and one in
 /// state `UP` means it is back. A session whose poll thread died counts as
 /// a disconnect until that session is closed or dropped (the consumer
 /// rebuilds it), so `health()` is not ready meanwhile.
@@ -959,6 +965,7 @@ impl KafkaBroker {
         Ok(broker)
     }
 
+    /// The configuration it was connected with.
     pub fn config(&self) -> &KafkaConfig {
         &self.inner.config
     }

@@ -34,6 +34,7 @@ pub struct MemoryConfig {
     /// Each publish additionally waits up to this long, drawn from `seed`.
     #[serde(with = "crate::config::millis")]
     pub publish_jitter: Duration,
+    /// Seed of the jitter (the same seed, the same delays).
     pub seed: u64,
 }
 
@@ -170,6 +171,7 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
 }
 
 impl MemoryBroker {
+    /// An empty broker with `config`.
     pub fn new(config: MemoryConfig) -> Self {
         let rng = SmallRng::seed_from_u64(config.seed);
         MemoryBroker {

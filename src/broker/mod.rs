@@ -22,11 +22,14 @@ pub type Headers = Vec<(String, Vec<u8>)>;
 /// and offsets are stream sequences.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TopicPartition {
+    /// The topic.
     pub topic: Arc<str>,
+    /// The partition (0 on NATS).
     pub partition: u32,
 }
 
 impl TopicPartition {
+    /// `topic[partition]`.
     pub fn new(topic: impl Into<Arc<str>>, partition: u32) -> Self {
         TopicPartition { topic: topic.into(), partition }
     }
@@ -165,7 +168,9 @@ pub enum SessionEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectionState {
+    /// The client reaches its broker.
     Connected,
+    /// The client has lost its broker (and is reconnecting).
     Disconnected,
 }
 
@@ -209,16 +214,31 @@ pub enum ErrorClass {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerError {
+    /// The broker cannot be reached now; retriable.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The broker did not answer in time; retriable.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The topic does not exist (and the adapter does not create it here).
     #[error("unknown topic {0}")]
     UnknownTopic(String),
+    /// A setting of the adapter is invalid.
     #[error("invalid configuration {key}: {reason}")]
-    Config { key: String, reason: String },
+    Config {
+        /// The setting, dotted (`kafka.session_timeout`).
+        key: String,
+        /// What it must be.
+        reason: String,
+    },
+    /// The broker refused a commit (e.g. the partition is no longer this member's).
     #[error("commit rejected for {partition}: {reason}")]
-    CommitRejected { partition: String, reason: String },
+    CommitRejected {
+        /// The partition, as `topic[partition]`.
+        partition: String,
+        /// What the broker said.
+        reason: String,
+    },
     /// The broker refused the credentials or the operation (authentication
     /// or authorisation).
     #[error("not authorized: {0}")]
@@ -233,6 +253,7 @@ pub enum BrokerError {
     /// The session's client died (e.g. its poll thread); rebuild the session.
     #[error("session failed: {0}")]
     SessionFailed(String),
+    /// The session (or the client) was closed.
     #[error("session closed")]
     Closed,
     /// An error no other variant describes; treated as permanent so nothing
@@ -281,6 +302,7 @@ impl BrokerError {
 
 /// A broker connection: publishes, and opens consumer group sessions.
 pub trait Broker: Send + Sync + 'static {
+    /// The consumer group session [`Broker::subscribe`] opens.
     type Session: Session;
 
     /// Publishes one message and returns once the broker acknowledged it.

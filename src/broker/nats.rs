@@ -116,8 +116,10 @@ pub enum StreamStrategy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Storage {
+    /// On disk: survives a server restart.
     #[default]
     File,
+    /// In the server's memory: lost when it restarts.
     Memory,
 }
 
@@ -193,8 +195,11 @@ pub struct NatsConfig {
     /// them as the topic. With it, a dead-letter suffix starting with `.`
     /// would fall into the origin stream: use e.g. `-dlq`.
     pub wildcard_subjects: bool,
+    /// Whether the adapter creates or updates a topic's stream.
     pub strategy: StreamStrategy,
+    /// Where created streams keep their messages.
     pub storage: Storage,
+    /// When created streams drop messages.
     pub retention: Retention,
     /// Oldest message kept; 0 = no limit.
     #[serde(with = "crate::config::millis")]
@@ -203,12 +208,16 @@ pub struct NatsConfig {
     pub max_bytes: i64,
     /// Most messages kept; -1 = no limit.
     pub max_msgs: i64,
+    /// Copies of each created stream in a cluster (1 on a single server).
     pub replicas: usize,
+    /// What a full stream does with a new message.
     pub discard: Discard,
     /// De-duplication window of `Nats-Msg-Id`; 0 = the server's (2 min).
     #[serde(with = "crate::config::millis")]
     pub duplicate_window: Duration,
+    /// Which `Nats-Msg-Id` a publish carries (de-duplication of retried publishes).
     pub dedup: Dedup,
+    /// Where a group without a durable starts reading.
     pub start_from: StartFrom,
     /// How long the server waits for an ack before redelivering. Held
     /// messages are progress-acked well within it.
@@ -229,6 +238,7 @@ pub struct NatsConfig {
     /// Lifetime of one pull request.
     #[serde(with = "crate::config::millis")]
     pub pull_expires: Duration,
+    /// How long `connect` waits for the first server to answer.
     #[serde(with = "crate::config::millis")]
     pub connect_timeout: Duration,
     /// Bound on JetStream API requests and publish acks.
@@ -997,6 +1007,7 @@ impl NatsBroker {
         Ok(NatsBroker { inner })
     }
 
+    /// The configuration it was connected with.
     pub fn config(&self) -> &NatsConfig {
         &self.inner.config
     }

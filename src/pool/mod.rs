@@ -15,6 +15,7 @@
 // it is not service API.
 #[cfg(any(feature = "loom", feature = "testing"))]
 #[doc(hidden)]
+#[allow(rustdoc::private_intra_doc_links)] // to `crate::sync`, private
 pub mod core;
 #[cfg(not(any(feature = "loom", feature = "testing")))]
 #[allow(dead_code)] // parts only the models and property tests call
