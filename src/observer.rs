@@ -152,7 +152,11 @@ impl HealthConfig {
             .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
             .take(200)
             .collect();
-        if host.is_empty() { format!("instance-{pid}") } else { format!("{host}-{pid}") }
+        if host.is_empty() {
+            format!("instance-{pid}")
+        } else {
+            format!("{host}-{pid}")
+        }
     }
 }
 

@@ -128,9 +128,8 @@ impl HealthReport {
 }
 
 fn rfc3339<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-    let text = t.and_then(|t| {
-        time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).ok()
-    });
+    let text =
+        t.and_then(|t| time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).ok());
     match text {
         Some(text) => s.serialize_some(&text),
         None => s.serialize_none(),

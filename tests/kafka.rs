@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use eventbus::broker::kafka::{KafkaBroker, KafkaConfig, KafkaSession, RebalanceStrategy};
 use eventbus::bus::BusConfig;
-use eventbus::testing::OrderChecker;
 use eventbus::pool::PoolConfig;
+use eventbus::testing::OrderChecker;
 use eventbus::{Broker, BrokerError, Envelope, EventBus, Outbound, Position, Session, SessionEvent, TopicPartition};
 use foreign_kafka::{header, read_topic};
 use rdkafka::config::ClientConfig;

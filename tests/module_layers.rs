@@ -291,7 +291,8 @@ fn an_upward_import_is_caught() {
     let lines: Vec<usize> = violations("error", 1, src, &floors).into_iter().map(|(l, _)| l).collect();
     assert_eq!(lines, vec![2, 3, 4, 5]);
     // Comments, doc links and look-alikes are not uses; a crate-root re-export is refused.
-    let src = "//! [`crate::bus::EventBus`]\n/* crate::bus */ let s = '\"'; // crate::bus\nlet t = \"x\"; mycrate::bus::f();";
+    let src =
+        "//! [`crate::bus::EventBus`]\n/* crate::bus */ let s = '\"'; // crate::bus\nlet t = \"x\"; mycrate::bus::f();";
     assert!(violations("error", 1, src, &floors).is_empty());
     assert_eq!(violations("error", 1, "use crate::EventBus;", &floors).len(), 1);
     // A module on no floor is reported.
