@@ -106,6 +106,7 @@ impl Frontier {
     }
 
     /// Whether an abandoned event holds the frontier back.
+    #[cfg(test)]
     pub fn is_blocked(&self) -> bool {
         self.blocked.is_some()
     }

@@ -5,9 +5,9 @@
 //! pool task keyed by its aggregate ID, so a partition has many events in
 //! flight at once (the seed awaited them one by one) while each aggregate
 //! stays in order. Completions come back over a channel and advance the
-//! partition's [`Frontier`]; only frontiers are committed.
+//! partition's `Frontier` (`frontier.rs`); only frontiers are committed.
 
-pub mod frontier;
+mod frontier;
 mod task;
 
 /// Header names of dead-letter messages (defined in [`crate::broker`], where
@@ -33,7 +33,7 @@ use crate::broker::{Broker, BrokerError, Delivery, ErrorClass, Session, SessionE
 use crate::envelope::Envelope;
 use crate::pool::{HandlerResult, Outcome, Pool, Rejected, SubmitError};
 use crate::telemetry::{self, ConsumerMetrics, TopicMetrics};
-pub use frontier::Frontier;
+pub(crate) use frontier::Frontier;
 
 /// Handles decoded, validated envelopes of one topic, in aggregate order.
 pub type EnvelopeHandler = Arc<dyn Fn(Envelope) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
