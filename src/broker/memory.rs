@@ -36,6 +36,7 @@ pub struct MemoryConfig {
     /// Each publish additionally waits up to this long, drawn from `seed`.
     #[serde(with = "crate::config::millis")]
     pub publish_jitter: Duration,
+    /// Seed of the jitter (the same seed, the same delays).
     pub seed: u64,
 }
 
@@ -141,6 +142,7 @@ impl std::fmt::Debug for MemoryBroker {
 pub use super::plan::partition_for_key;
 
 impl MemoryBroker {
+    /// An empty broker with `config`.
     pub fn new(config: MemoryConfig) -> Self {
         let rng = SmallRng::seed_from_u64(config.seed);
         MemoryBroker {

@@ -5,14 +5,15 @@
 //! pool task keyed by its aggregate ID, so a partition has many events in
 //! flight at once (the seed awaited them one by one) while each aggregate
 //! stays in order. Completions come back over a channel and advance the
-//! partition's [`Frontier`]; only frontiers are committed.
+//! partition's `Frontier` (`frontier.rs`); only frontiers are committed.
 
-pub mod frontier;
+mod frontier;
 mod task;
 
-/// Header names of dead-letter messages.
+/// Header names of dead-letter messages (defined in [`crate::broker`], where
+/// the adapters that write dead letters themselves find them too).
 pub mod task_headers {
-    pub use super::task::{
+    pub use crate::broker::{
         DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED, DLQ_REASON,
     };
 }
@@ -32,7 +33,7 @@ use crate::broker::{Broker, BrokerError, Delivery, ErrorClass, Session, SessionE
 use crate::envelope::Envelope;
 use crate::pool::{HandlerResult, Outcome, Pool, Rejected, SubmitError};
 use crate::telemetry::{self, ConsumerMetrics, TopicMetrics};
-pub use frontier::Frontier;
+pub(crate) use frontier::Frontier;
 
 /// Handles decoded, validated envelopes of one topic, in aggregate order.
 pub type EnvelopeHandler = Arc<dyn Fn(Envelope) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
@@ -56,8 +57,10 @@ pub enum Handler {
 pub struct RetryConfig {
     /// Attempts before the event goes to the dead letter (at least 1).
     pub max_attempts: u32,
+    /// Wait after the first failed attempt; doubles after each further one.
     #[serde(with = "crate::config::millis")]
     pub initial_backoff: Duration,
+    /// Cap of the doubling wait.
     #[serde(with = "crate::config::millis")]
     pub max_backoff: Duration,
 }
@@ -88,6 +91,7 @@ pub struct ConsumerConfig {
     /// How long a revoke waits for the partition's running handlers.
     #[serde(with = "crate::config::millis")]
     pub revoke_timeout: Duration,
+    /// Retries of a failing handler, before the dead letter.
     pub retry: RetryConfig,
     /// Dead-letter topic = origin topic + this suffix.
     pub dead_letter_suffix: String,
@@ -114,16 +118,23 @@ impl Default for ConsumerConfig {
 /// Counters of a consumer, readable while it runs.
 #[derive(Debug, Default)]
 pub struct ConsumerStats {
+    /// Deliveries read from the broker and dispatched to the pool.
     pub delivered: AtomicU64,
+    /// Events a handler finished successfully.
     pub handled: AtomicU64,
+    /// Handler attempts repeated after a failure.
     pub retried: AtomicU64,
+    /// Events written to their dead-letter topic.
     pub dead_lettered: AtomicU64,
     /// Broker redeliveries of offsets already dispatched in this assignment.
     pub redelivered_skipped: AtomicU64,
     /// Completions dropped because their partition was revoked meanwhile.
     pub fenced: AtomicU64,
+    /// Commits the broker accepted.
     pub commits: AtomicU64,
+    /// Commits that failed (retried at the next interval).
     pub commit_errors: AtomicU64,
+    /// Assignment changes (assigned, revoked or lost).
     pub rebalances: AtomicU64,
     /// Events whose dead letter the broker does not take yet (a gauge): each
     /// holds its aggregate and its partition's commit. Not ready while > 0.
@@ -162,12 +173,21 @@ pub struct ConsumerReport {
 /// Why the consumer could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
+    /// Joining the consumer group failed.
     #[error("joining the consumer group failed: {0}")]
     Subscribe(BrokerError),
     /// The dead-letter topic of a subscribed topic could not be created (or
     /// its name is one the broker cannot hold).
     #[error("dead-letter topic {dead_letter} of {topic} could not be created: {error}")]
-    DeadLetterTopic { topic: String, dead_letter: String, error: BrokerError },
+    DeadLetterTopic {
+        /// The subscribed topic.
+        topic: String,
+        /// Its dead-letter topic.
+        dead_letter: String,
+        /// Why it could not be created.
+        error: BrokerError,
+    },
+    /// The consumer's task ended abnormally (it panicked or was cancelled).
     #[error("consumer task failed: {0}")]
     Task(String),
 }
@@ -259,6 +279,7 @@ pub struct ConsumerHandle {
 }
 
 impl ConsumerHandle {
+    /// The consumer's counters.
     pub fn stats(&self) -> &Arc<ConsumerStats> {
         &self.stats
     }

@@ -13,20 +13,12 @@ use tracing::Instrument;
 
 use super::{ConsumerConfig, ConsumerStats, Handler};
 use crate::broker::{Broker, BrokerError, Delivery, Outbound, REASON_TOO_LARGE, REASON_UNDECODABLE_HEADERS};
+use crate::broker::{
+    DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED, DLQ_REASON,
+};
 use crate::envelope::{aggregate_id_from, Envelope, HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_TRACE_ID};
 use crate::pool::{panic_message, HandlerPanicked, HandlerResult, Key, Outcome, Step, Task};
 use crate::telemetry::TopicMetrics;
-
-/// Dead-letter headers: why, after how many attempts, and where it came from.
-pub const DLQ_ERROR: &str = "x-dlq-error";
-pub const DLQ_REASON: &str = "x-dlq-reason";
-pub const DLQ_ATTEMPTS: &str = "x-dlq-attempts";
-pub const DLQ_ORIGIN_TOPIC: &str = "x-dlq-origin-topic";
-pub const DLQ_ORIGIN_PARTITION: &str = "x-dlq-origin-partition";
-pub const DLQ_ORIGIN_OFFSET: &str = "x-dlq-origin-offset";
-/// Set when the broker refused the dead letter with its payload; the value
-/// is the broker's error. The payload stays at the origin position.
-pub const DLQ_PAYLOAD_OMITTED: &str = "x-dlq-payload-omitted";
 
 /// The task stopped because its partition was revoked; it did not complete.
 #[derive(Debug, thiserror::Error)]
