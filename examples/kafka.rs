@@ -23,7 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = BusConfig::default();
     config.consumer.group = "example-service".into();
     let kafka = KafkaConfig { brokers, client_id: "example-service".into(), ..KafkaConfig::default() }
-        .bounded_by_pool(&config.pool);
+        .bounded(config.pool.capacity);
     let broker = KafkaBroker::connect(kafka).await?;
     // Three partitions: events of one order always land on the same one.
     broker.ensure_topic("orders", 3).await?;

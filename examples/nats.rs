@@ -21,7 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Configure: the bus (pool, consumer group, retries) and the adapter.
     let mut config = BusConfig::default();
     config.consumer.group = "example-service".into();
-    let nats = NatsConfig { url, ..NatsConfig::default() }.bounded_by_pool(&config.pool);
+    let nats = NatsConfig { url, ..NatsConfig::default() }.bounded(config.pool.capacity);
     let bus = EventBus::builder(NatsBroker::connect(nats).await?).config(config).build()?;
 
     // Subscribe: events of one order are handled one at a time, in order.

@@ -33,12 +33,27 @@ impl BacklogSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BacklogEvent {
     /// `value` stayed above `threshold` for the configured `for_duration`.
-    Started { source: BacklogSource, value: u64, threshold: u64 },
+    Started {
+        /// What is measured.
+        source: BacklogSource,
+        /// The sample that started it.
+        value: u64,
+        /// The configured threshold.
+        threshold: u64,
+    },
     /// `value` is back at or below `threshold` (for `recover_for`).
-    Recovered { source: BacklogSource, value: u64, threshold: u64 },
+    Recovered {
+        /// What is measured.
+        source: BacklogSource,
+        /// The sample that ended it.
+        value: u64,
+        /// The configured threshold.
+        threshold: u64,
+    },
 }
 
 impl BacklogEvent {
+    /// The source it is about.
     pub fn source(&self) -> BacklogSource {
         match self {
             BacklogEvent::Started { source, .. } | BacklogEvent::Recovered { source, .. } => *source,
@@ -80,18 +95,22 @@ pub struct Detector {
 }
 
 impl Detector {
+    /// A detector of `source`, not backlogged.
     pub fn new(source: BacklogSource, config: BacklogThreshold) -> Self {
         Detector { source, config, backlogged: false, crossing_since: None, last_value: None }
     }
 
+    /// The source it watches.
     pub fn source(&self) -> BacklogSource {
         self.source
     }
 
+    /// The configured threshold.
     pub fn threshold(&self) -> u64 {
         self.config.threshold
     }
 
+    /// Between a `Started` and the next `Recovered`.
     pub fn is_backlogged(&self) -> bool {
         self.backlogged
     }

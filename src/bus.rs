@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,22 +13,27 @@ use tokio::sync::{watch, Mutex};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backlog::BacklogEvent;
-use crate::broker::{Broker, BrokerError, Delivery, Headers, Outbound, Position};
+use crate::broker::{Broker, Delivery, Headers, Outbound, Position};
 use crate::callbacks::{Callbacks, ConnectionEvent, HealthAlert, PublishResult};
-use crate::consumer::{self, ConsumerConfig, ConsumerError, ConsumerHandle, ConsumerStats, Handler};
+use crate::consumer::{self, ConsumerConfig, ConsumerHandle, ConsumerStats, Handler};
 use crate::context::DeliveryContext;
-use crate::envelope::{Envelope, EnvelopeError, PayloadEncoding};
+use crate::envelope::{Envelope, PayloadEncoding};
 use crate::health::{self, HealthReport, MonitorStatus, PoolStatus, PublisherStatus};
 use crate::observer::{ObservabilityConfig, Observed, Observer};
 use crate::pool::{HandlerResult, Pool, PoolConfig, Stats};
 use crate::settings::BrokerConfig;
+
+pub use crate::error::{ConfigError, PublishError, SubscribeError};
+pub use crate::status::CloseReport;
 
 /// Everything a bus is configured with; deserializable from TOML (and YAML
 /// with the `yaml` feature). Durations are in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
+    /// The global keyed worker pool: workers, capacity, submit wait (`[pool]`).
     pub pool: PoolConfig,
+    /// The consumer group, commits, retries and dead letters (`[consumer]`).
     pub consumer: ConsumerConfig,
     /// Bound on `close`: after it, unfinished events are handed back
     /// uncommitted (redelivered later). `None` drains fully.
@@ -88,28 +94,40 @@ mod optional_millis {
 /// Upper bound on `pool.concurrency`: each unit is a worker task.
 pub const MAX_CONCURRENCY: usize = 65_536;
 
-/// Why a configuration file could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("invalid TOML configuration: {0}")]
-    Toml(#[from] toml::de::Error),
-    #[cfg(feature = "yaml")]
-    #[error("invalid YAML configuration: {0}")]
-    Yaml(#[from] yaml_serde::Error),
-    #[error("invalid configuration {key}: {reason}")]
-    Invalid { key: &'static str, reason: String },
-    /// The selected broker adapter's settings are invalid (`BrokerError::Config`, naming the key).
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    #[error("cannot read configuration file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-}
-
 impl BusConfig {
+    /// Reads a TOML configuration (no environment overrides; see
+    /// [`BusConfig::load`]) and validates it.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let config: BusConfig = toml::from_str(text)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads a TOML configuration file, applies the environment overrides
+    /// ([`ENV_OVERRIDES`](crate::settings::ENV_OVERRIDES)) and validates the
+    /// bus and the selected adapter (`docs/eventbus.example.toml`).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml_with_env(&text, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`BusConfig::load`] on text, with the environment given as a
+    /// lookup (`|name| std::env::var(name).ok()` for the real one).
+    pub fn from_toml_with_env(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut config: BusConfig = toml::from_str(text)?;
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Overrides the keys of [`ENV_OVERRIDES`](crate::settings::ENV_OVERRIDES)
+    /// with the variables that are set (and not blank): the `[broker]`
+    /// section's [`BrokerConfig::apply_env`]. Only an unknown
+    /// `EVENTBUS_BROKER` is an error.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        self.broker.apply_env(env)
     }
 
     /// Reads a YAML configuration (feature `yaml`) and validates it.
@@ -147,38 +165,6 @@ impl BusConfig {
     }
 }
 
-/// Why a publish failed.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error(transparent)]
-    Envelope(#[from] EnvelopeError),
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    #[error("bus closed")]
-    Closed,
-}
-
-/// Why a subscribe failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SubscribeError {
-    #[error("topic {0} already has a handler")]
-    Duplicate(String),
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    #[error(transparent)]
-    Consumer(#[from] ConsumerError),
-    #[error("bus closed")]
-    Closed,
-}
-
-/// What `close` did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CloseReport {
-    /// Accepted events handed back unprocessed (uncommitted; redelivered).
-    pub handed_back: usize,
-    pub final_commit_error: Option<String>,
-}
-
 enum ConsumerState {
     /// Handlers registered before `start`: one group join covers them all.
     Registered(BTreeMap<String, Handler>),
@@ -194,11 +180,14 @@ pub struct EventBusBuilder<B> {
 }
 
 impl<B: Broker> EventBusBuilder<B> {
+    /// Replaces the whole configuration (the broker adapter's section is not
+    /// used by the bus: the broker is already built).
     pub fn config(mut self, config: BusConfig) -> Self {
         self.config = config;
         self
     }
 
+    /// Sets the consumer group (`consumer.group`).
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.config.consumer.group = group.into();
         self
@@ -326,6 +315,7 @@ pub struct EventBus<B: Broker> {
 }
 
 impl<B: Broker> EventBus<B> {
+    /// Starts building a bus over `broker`, with the default configuration.
     pub fn builder(broker: B) -> EventBusBuilder<B> {
         EventBusBuilder {
             broker,
@@ -334,14 +324,17 @@ impl<B: Broker> EventBus<B> {
         }
     }
 
+    /// The broker adapter the bus runs on.
     pub fn broker(&self) -> &B {
         &self.broker
     }
 
+    /// The configuration the bus was built with.
     pub fn config(&self) -> &BusConfig {
         &self.config
     }
 
+    /// The `observability` section of the configuration.
     pub fn observability(&self) -> &ObservabilityConfig {
         &self.config.observability
     }

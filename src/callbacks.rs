@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::backlog::BacklogEvent;
 use crate::broker::Position;
-use crate::bus::PublishError;
+use crate::error::PublishError;
 
 /// The broker connection dropped or came back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +22,10 @@ pub enum ConnectionEvent {
     /// The client lost its broker.
     Disconnected,
     /// The client reaches its broker again after `down_for`.
-    Reconnected { down_for: Duration },
+    Reconnected {
+        /// How long the connection was down.
+        down_for: Duration,
+    },
 }
 
 /// Health messages stopped arriving within the window, or resumed.
@@ -30,17 +33,29 @@ pub enum ConnectionEvent {
 pub enum HealthAlert {
     /// No health message for `window`. `last_seen` is when the last one
     /// arrived (`None`: none since the monitor started).
-    Missing { window: Duration, last_seen: Option<SystemTime> },
+    Missing {
+        /// The configured window (`observability.health.window`).
+        window: Duration,
+        /// When the last health message arrived.
+        last_seen: Option<SystemTime>,
+    },
     /// A health message from `instance` arrived after an alert.
-    Restored { instance: String },
+    Restored {
+        /// The instance ID of that message.
+        instance: String,
+    },
 }
 
 /// The outcome of one `publish_envelope`.
 #[derive(Debug)]
 pub struct PublishResult<'a> {
+    /// The topic published to.
     pub topic: &'a str,
+    /// The envelope's aggregate ID (the message key).
     pub aggregate_id: &'a str,
+    /// The envelope's event type.
     pub event_type: &'a str,
+    /// The envelope's event version.
     pub event_version: i64,
     /// Where the broker stored it, or why it was not stored.
     pub result: Result<Position, &'a PublishError>,
@@ -53,6 +68,7 @@ impl PublishResult<'_> {
         format!("{}:{}:{}", self.aggregate_id, self.event_type, self.event_version)
     }
 
+    /// Whether the broker stored it.
     pub fn is_ok(&self) -> bool {
         self.result.is_ok()
     }
@@ -82,18 +98,22 @@ impl fmt::Debug for Callbacks {
 }
 
 impl Callbacks {
+    /// Called when a backlog starts or recovers (`observability.backlog`).
     pub fn on_backlog(&mut self, f: impl Fn(&BacklogEvent) + Send + Sync + 'static) {
         self.backlog = Some(Arc::new(f));
     }
 
+    /// Called when the broker connection drops and when it comes back.
     pub fn on_connection(&mut self, f: impl Fn(&ConnectionEvent) + Send + Sync + 'static) {
         self.connection = Some(Arc::new(f));
     }
 
+    /// Called when health messages stop arriving within the window, and when they resume.
     pub fn on_health_alert(&mut self, f: impl Fn(&HealthAlert) + Send + Sync + 'static) {
         self.health = Some(Arc::new(f));
     }
 
+    /// Called after every `publish_envelope` (and `publish_envelope_async`) with the outcome.
     pub fn on_publish_result(&mut self, f: impl for<'a> Fn(&PublishResult<'a>) + Send + Sync + 'static) {
         self.publish_result = Some(Arc::new(f));
     }

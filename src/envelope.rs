@@ -138,12 +138,22 @@ pub enum EnvelopeError {
     EmptyAggregateId,
     /// The aggregate ID is longer than [`MAX_AGGREGATE_ID_LEN`] characters.
     #[error("aggregate ID is {len} characters long, the limit is {limit}")]
-    AggregateIdTooLong { len: usize, limit: usize },
+    AggregateIdTooLong {
+        /// Its length in characters.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The aggregate ID contains a character outside `A-Z a-z 0-9 : _ - . /`.
     #[error(
         "aggregate ID contains {ch:?} at position {position}; allowed are A-Z a-z 0-9 : _ - . /"
     )]
-    InvalidAggregateIdChar { ch: char, position: usize },
+    InvalidAggregateIdChar {
+        /// The character.
+        ch: char,
+        /// Its position, in characters from 0.
+        position: usize,
+    },
     /// The event type is empty or only whitespace.
     #[error("event type is empty")]
     EmptyEventType,
@@ -151,14 +161,20 @@ pub enum EnvelopeError {
     /// to publish (reading has no length limit).
     #[error("{field} is {len} characters long, the limit is {limit}")]
     FieldTooLong {
+        /// The field's name.
         field: &'static str,
+        /// Its length in characters.
         len: usize,
+        /// The limit.
         limit: usize,
     },
     /// A text field that is copied into message headers contains a control
     /// character (CR/LF would break NATS header framing); checked on publish.
     #[error("{field} contains a control character")]
-    ControlCharacter { field: &'static str },
+    ControlCharacter {
+        /// The field's name.
+        field: &'static str,
+    },
     /// The event version is zero or negative.
     #[error("event version must be positive, got {0}")]
     NonPositiveVersion(i64),
@@ -178,7 +194,9 @@ pub enum EnvelopeError {
     /// Go struct field Envelope.payload`).
     #[error("payload is a JSON {found}, which the {encoding} encoding cannot hold")]
     PayloadForm {
+        /// The encoding read with.
         encoding: PayloadEncoding,
+        /// The JSON type found (`object`, `number`, ...).
         found: &'static str,
     },
     /// Embedded writing: the payload bytes are not JSON (read them with
@@ -191,10 +209,18 @@ pub enum EnvelopeError {
     InvalidTimestamp(String),
     /// The encoded envelope exceeds [`MAX_ENVELOPE_BYTES`].
     #[error("envelope is {size} bytes, the limit is {limit}")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// Its size in bytes.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The JSON nests deeper than [`MAX_JSON_DEPTH`] levels.
     #[error("JSON nests deeper than {limit} levels")]
-    TooDeep { limit: usize },
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
     /// The bytes are not a JSON envelope; carries serde_json's message.
     #[error("invalid envelope JSON: {0}")]
     Decode(String),
@@ -631,7 +657,9 @@ impl fmt::Display for IdSource {
 /// An aggregate ID that passed [`validate_aggregate_id`], and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ExtractedId {
+    /// The aggregate ID.
     pub id: String,
+    /// Where it was found.
     pub source: IdSource,
 }
 

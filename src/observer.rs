@@ -15,10 +15,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::backlog::{BacklogEvent, BacklogSource, BacklogThreshold, Detector};
 use crate::broker::{Broker, ConnectionState};
-use crate::bus::ConfigError;
 use crate::callbacks::{Callbacks, ConnectionEvent};
-use crate::health::{BacklogStatus, HealthConfig, MonitorStatus, PublisherStatus};
+use crate::error::ConfigError;
 use crate::pool::Pool;
+use crate::status::{BacklogStatus, MonitorStatus, PublisherStatus};
 use crate::telemetry;
 
 /// The `observability` section of [`crate::BusConfig`]. Durations are
@@ -29,7 +29,9 @@ pub struct ObservabilityConfig {
     /// How often the observer samples the pool and the consumer lag.
     #[serde(with = "crate::config::millis")]
     pub observe_interval: Duration,
+    /// Backlog alert thresholds (`observability.backlog`).
     pub backlog: BacklogConfig,
+    /// The split health check (`observability.health`, `docs/health.md`).
     pub health: HealthConfig,
 }
 
@@ -100,6 +102,62 @@ pub struct BacklogConfig {
     pub pool: Option<BacklogThreshold>,
     /// On the group's total lag over its subscribed topics.
     pub consumer_lag: Option<BacklogThreshold>,
+}
+
+/// The `observability.health` section. Both sides are off by default.
+/// Durations are milliseconds in config files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Topic the health messages go to and are read from.
+    pub topic: String,
+    /// Run the health publisher.
+    pub publish: bool,
+    /// How often the publisher sends one.
+    #[serde(with = "crate::config::millis")]
+    pub publish_interval: Duration,
+    /// Run the health monitor (subscribes to `topic` in the bus's group).
+    pub monitor: bool,
+    /// Alert when no health message arrived for this long.
+    #[serde(with = "crate::config::millis")]
+    pub window: Duration,
+    /// This instance's ID in health messages (an aggregate ID: ASCII
+    /// letters, digits and `:_-./`); default `$HOSTNAME-<pid>` or `instance-<pid>`.
+    pub instance_id: Option<String>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            topic: "eventbus.health".into(),
+            publish: false,
+            publish_interval: Duration::from_secs(5),
+            monitor: false,
+            window: Duration::from_secs(15),
+            instance_id: None,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The configured instance ID, or one made from the host name and pid.
+    pub fn instance_id(&self) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        let pid = std::process::id();
+        let host: String = std::env::var("HOSTNAME")
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            .take(200)
+            .collect();
+        if host.is_empty() {
+            format!("instance-{pid}")
+        } else {
+            format!("{host}-{pid}")
+        }
+    }
 }
 
 /// Milliseconds since the epoch in an atomic; 0 means never.

@@ -24,6 +24,7 @@ pub enum Bug {
 }
 
 impl Bug {
+    /// Every planted bug.
     pub const ALL: [Bug; 4] = [Bug::CommitMaxHandled, Bug::IgnoreKey, Bug::CommitBeforeComplete, Bug::DropQueuedOnClose];
 
     fn bit(self) -> u8 {

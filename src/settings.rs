@@ -4,13 +4,12 @@
 //! `[observability]`, `close_timeout`) and a `[broker]` section that selects
 //! the adapter (`kind = "memory" | "nats" | "kafka"`) with each adapter's
 //! settings below it (`[broker.memory]`, `[broker.nats]`, `[broker.kafka]`).
-//! [`BusConfig::load`] reads the file, applies the environment overrides of
-//! [`ENV_OVERRIDES`] (URLs and credentials stay out of the file) and
-//! validates the bus and the selected adapter. `docs/eventbus.example.toml`
+//! [`BusConfig::load`](crate::BusConfig::load) reads the file, applies the
+//! environment overrides of [`ENV_OVERRIDES`] (URLs and credentials stay out
+//! of the file) and validates the bus and the selected adapter. `docs/eventbus.example.toml`
 //! is a complete example (loaded by `tests/settings.rs`).
 
 use std::fmt;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +18,7 @@ use crate::broker::kafka::KafkaConfig;
 use crate::broker::memory::MemoryConfig;
 #[cfg(feature = "nats")]
 use crate::broker::nats::NatsConfig;
-use crate::bus::{BusConfig, ConfigError};
+use crate::error::ConfigError;
 
 /// Which broker adapter a configuration selects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,17 +35,21 @@ pub enum BrokerKind {
     Kafka,
 }
 
-/// The `[broker]` section of a [`BusConfig`]: the selected adapter and the
+/// The `[broker]` section of a [`BusConfig`](crate::BusConfig): the selected adapter and the
 /// settings of each adapter. Only the selected adapter's settings are used
 /// and validated; the others may stay in the file (e.g. for switching with
 /// `EVENTBUS_BROKER`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
+    /// The selected adapter (`memory` by default; `EVENTBUS_BROKER` overrides it).
     pub kind: BrokerKind,
+    /// `[broker.memory]`: the in-memory broker's settings.
     pub memory: MemoryConfig,
+    /// `[broker.nats]`: the NATS JetStream adapter's settings (`docs/nats.md`).
     #[cfg(feature = "nats")]
     pub nats: NatsConfig,
+    /// `[broker.kafka]`: the Kafka adapter's settings (`docs/kafka.md`).
     #[cfg(feature = "kafka")]
     pub kafka: KafkaConfig,
 }
@@ -80,7 +83,7 @@ pub const ENV_NATS_URL: &str = "EVENTBUS_NATS_URL";
 /// `EVENTBUS_KAFKA_BROKERS`: overrides `broker.kafka.brokers` (`host:port`, comma-separated).
 pub const ENV_KAFKA_BROKERS: &str = "EVENTBUS_KAFKA_BROKERS";
 
-/// Every environment variable [`BusConfig::apply_env`] reads, with the key it
+/// Every environment variable [`BusConfig::apply_env`](crate::BusConfig::apply_env) reads, with the key it
 /// overrides. A variable that is unset or blank changes nothing. The Kafka
 /// ones apply whether or not the `kafka` feature is built (they then have no
 /// section to go to and are ignored), likewise the NATS one.
@@ -90,31 +93,15 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     (ENV_KAFKA_BROKERS, "broker.kafka.brokers"),
 ];
 
-impl BusConfig {
-    /// Reads a TOML configuration file, applies the environment overrides
-    /// ([`ENV_OVERRIDES`]) and validates the bus and the selected adapter.
-    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        Self::from_toml_with_env(&text, |name| std::env::var(name).ok())
-    }
-
-    /// Like [`BusConfig::load`] on text, with the environment given as a
-    /// lookup (`|name| std::env::var(name).ok()` for the real one).
-    pub fn from_toml_with_env(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut config: BusConfig = toml::from_str(text)?;
-        config.apply_env(env)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Overrides the keys of [`ENV_OVERRIDES`] with the variables that are
-    /// set (and not blank). Only an unknown `EVENTBUS_BROKER` is an error.
+impl BrokerConfig {
+    /// Overrides `broker.kind` and the adapters' URLs and credentials with
+    /// the variables of [`ENV_OVERRIDES`] (and the security sections' own,
+    /// `docs/security.md`) that are set and not blank. Only an unknown
+    /// `EVENTBUS_BROKER` is an error. [`BusConfig::apply_env`](crate::BusConfig::apply_env) calls it.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let var = |name: &str| env(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
         if let Some(kind) = var(ENV_BROKER) {
-            self.broker.kind = parse_kind(&kind)?;
+            self.kind = parse_kind(&kind)?;
         }
         // Credentials, TLS files and SASL settings: the security sections'
         // own variables (`docs/security.md`), applied here so a loaded file
@@ -122,7 +109,7 @@ impl BusConfig {
         // in code).
         #[cfg(feature = "nats")]
         {
-            let nats = &mut self.broker.nats;
+            let nats = &mut self.nats;
             if let Some(url) = var(ENV_NATS_URL) {
                 nats.url = url;
             }
@@ -130,7 +117,7 @@ impl BusConfig {
         }
         #[cfg(feature = "kafka")]
         {
-            let kafka = &mut self.broker.kafka;
+            let kafka = &mut self.kafka;
             if let Some(brokers) = var(ENV_KAFKA_BROKERS) {
                 kafka.brokers = brokers;
             }

@@ -4,13 +4,17 @@
 //! here only, so production has one spelling and `--features loom` swaps every
 //! one of them at once (the pattern of tokio's `src/loom/`).
 
+// Not every primitive is used at every moment: these are the ones
+// loom-checked code may take.
 #[cfg(not(feature = "loom"))]
+#[allow(unused_imports)]
 pub use std::sync::{
     atomic::{AtomicBool, AtomicUsize, Ordering},
     Arc, Mutex, MutexGuard,
 };
 
 #[cfg(feature = "loom")]
+#[allow(unused_imports)]
 pub use loom::sync::{
     atomic::{AtomicBool, AtomicUsize, Ordering},
     Arc, Mutex, MutexGuard,

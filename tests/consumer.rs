@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{fast_config, publish_versions, subscribe_checked, Progress};
-use eventbus::checker::OrderChecker;
 use eventbus::consumer::task_headers as dlq;
+use eventbus::testing::OrderChecker;
 use eventbus::{Envelope, EventBus, MemoryBroker, TopicPartition};
 use tokio::sync::Notify;
 

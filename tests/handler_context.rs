@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use eventbus::broker::memory::partition_for_key;
 use eventbus::bus::BusConfig;
-use eventbus::checker::OrderChecker;
 use eventbus::consumer::task_headers as dlq;
 use eventbus::consumer::RetryConfig;
+use eventbus::testing::OrderChecker;
 use eventbus::{
     Broker, Delivery, DeliveryContext, Envelope, EventBus, MemoryBroker, PayloadError, PayloadErrorKind, Position,
 };

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use eventbus::broker::kafka::{KafkaBroker, KafkaConfig, KafkaSession, RebalanceStrategy};
 use eventbus::bus::BusConfig;
-use eventbus::checker::OrderChecker;
 use eventbus::pool::PoolConfig;
+use eventbus::testing::OrderChecker;
 use eventbus::{Broker, BrokerError, Envelope, EventBus, Outbound, Position, Session, SessionEvent, TopicPartition};
 use foreign_kafka::{header, read_topic};
 use rdkafka::config::ClientConfig;
@@ -730,7 +730,7 @@ async fn full_pool_pauses_partitions_and_resumes() {
     bus_cfg.pool = PoolConfig { concurrency: 4, capacity: 64, wait_timeout: Duration::from_millis(500) };
     // Read-ahead bounded by the pool: at most 64 messages wait between the
     // poll thread and the consumer.
-    let kcfg = KafkaConfig { max_buffered: 1000, ..kafka_config(&mock.servers) }.bounded_by_pool(&bus_cfg.pool);
+    let kcfg = KafkaConfig { max_buffered: 1000, ..kafka_config(&mock.servers) }.bounded(bus_cfg.pool.capacity);
     assert_eq!(kcfg.max_buffered, 64);
     let broker = KafkaBroker::connect(kcfg).await.unwrap();
     let admin = broker.clone();

@@ -29,8 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus::broker::nats::{NatsBroker, NatsConfig};
-use eventbus::checker::OrderChecker;
 use eventbus::consumer::RetryConfig;
+use eventbus::testing::OrderChecker;
 use eventbus::{Broker, Envelope, EventBus};
 use tokio::sync::{mpsc, watch};
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use eventbus::pool::{
-    CloseReport, HandlerPanicked, HandlerResult, Key, Outcome, Pool, PoolConfig, Rejected, SubmitError, Task,
+    DrainReport, HandlerPanicked, HandlerResult, Key, Outcome, Pool, PoolConfig, Rejected, SubmitError, Task,
 };
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
@@ -220,7 +220,7 @@ fn per_key_order_100k_messages_1000_keys() {
         }
 
         let report = pool.close(None).await;
-        assert_eq!(report, CloseReport { handed_back: 0, timed_out: false });
+        assert_eq!(report, DrainReport { handed_back: 0, timed_out: false });
         drop(pool);
         assert_no_tasks_alive().await;
         eprintln!("100k messages over 1,000 keys handled in {elapsed:?}");
@@ -277,7 +277,7 @@ fn stuck_key_does_not_block_other_keys() {
             assert_eq!(replies.only(i), "ok");
         }
         assert_eq!(followers_run.load(SeqCst), 3);
-        assert_eq!(pool.close(None).await, CloseReport::default());
+        assert_eq!(pool.close(None).await, DrainReport::default());
         drop(pool);
         assert_no_tasks_alive().await;
     });
@@ -322,7 +322,7 @@ fn at_most_one_in_flight_per_key() {
         replies.wait_for(KEYS * PER_KEY).await;
         assert_eq!(violations.load(SeqCst), 0, "two messages of one key were in flight together");
         assert!(max_total.load(SeqCst) >= 2, "no two keys ever ran concurrently: the check proved nothing");
-        assert_eq!(pool.close(None).await, CloseReport::default());
+        assert_eq!(pool.close(None).await, DrainReport::default());
         drop(pool);
         assert_no_tasks_alive().await;
     });
@@ -380,7 +380,7 @@ fn capacity_bounds_queued_plus_in_flight() {
         for i in 0..11 {
             assert_eq!(replies.only(i), "ok");
         }
-        assert_eq!(pool.close(None).await, CloseReport::default());
+        assert_eq!(pool.close(None).await, DrainReport::default());
         drop(pool);
         assert_no_tasks_alive().await;
     });
@@ -418,7 +418,7 @@ fn stats_never_exceed_capacity_under_load() {
         replies.wait_for(2_000).await;
         assert_eq!(over.load(SeqCst), 0, "stats showed more than the capacity");
         assert_eq!(max_used.load(SeqCst), CAPACITY, "the load never filled the pool: the check proved nothing");
-        assert_eq!(pool.close(None).await, CloseReport::default());
+        assert_eq!(pool.close(None).await, DrainReport::default());
         drop(pool);
         assert_no_tasks_alive().await;
     });
@@ -476,7 +476,7 @@ fn panicking_handler_is_reported_and_pool_survives() {
         }
         assert!(pool.run(key("a"), async { Ok(()) }).await.unwrap().is_ok());
         assert!(pool.run(key("c"), async { Ok(()) }).await.unwrap().is_ok());
-        assert_eq!(pool.close(None).await, CloseReport::default());
+        assert_eq!(pool.close(None).await, DrainReport::default());
         drop(pool);
         assert_no_tasks_alive().await;
     });
@@ -502,7 +502,7 @@ fn failed_handler_result_reaches_submitter() {
         assert_eq!(replies.only(0), "err: no such account");
         // The failure does not stop the key.
         assert!(pool.run(key("order-7"), async { Ok(()) }).await.unwrap().is_ok());
-        assert_eq!(pool.close(None).await, CloseReport::default());
+        assert_eq!(pool.close(None).await, DrainReport::default());
         drop(pool);
         assert_no_tasks_alive().await;
     });
@@ -531,7 +531,7 @@ fn close_drains_every_queued_message() {
             drop(task); // a refused task dropped by its submitter reports NotProcessed
             gate.add_permits(N);
         });
-        assert_eq!(report, CloseReport { handed_back: 0, timed_out: false });
+        assert_eq!(report, DrainReport { handed_back: 0, timed_out: false });
         // close returned: every accepted message has been handled.
         assert_eq!(replies.total(), N);
         for i in 0..N {
@@ -593,7 +593,7 @@ fn close_with_deadline_hands_back_stuck_and_queued() {
         let started_close = Instant::now();
         let report = pool.close(Some(Duration::from_millis(100))).await;
         assert!(started_close.elapsed() >= Duration::from_millis(100));
-        assert_eq!(report, CloseReport { handed_back: 15, timed_out: true });
+        assert_eq!(report, DrainReport { handed_back: 15, timed_out: true });
         // When close returns, every reply has been called exactly once.
         assert_eq!(replies.total(), next);
         for i in 0..5 {
@@ -663,7 +663,7 @@ fn concurrent_closes_wait_for_the_same_drain() {
     const N: usize = 200;
     multi_thread_runtime().block_on(async {
         let (pool, gate, replies) = gated_pool(4, 1_000, N).await;
-        let closed_after = |report: CloseReport| (report, replies.total());
+        let closed_after = |report: DrainReport| (report, replies.total());
         let (first, second, ()) = tokio::join!(
             async { closed_after(pool.close(None).await) },
             // Polled after the first call took the workers.
@@ -673,7 +673,7 @@ fn concurrent_closes_wait_for_the_same_drain() {
                 gate.add_permits(N);
             }
         );
-        let drained = CloseReport { handed_back: 0, timed_out: false };
+        let drained = DrainReport { handed_back: 0, timed_out: false };
         assert_eq!(first, (drained, N));
         assert_eq!(second, (drained, N), "the second close waited for the drain (the first call's deadline counts)");
         for i in 0..N {
@@ -698,7 +698,7 @@ fn dropped_close_future_still_drains() {
         assert_eq!(replies.total(), 0);
 
         let (report, ()) = tokio::join!(pool.close(None), async { gate.add_permits(N) });
-        assert_eq!(report, CloseReport { handed_back: 0, timed_out: false });
+        assert_eq!(report, DrainReport { handed_back: 0, timed_out: false });
         assert_eq!(replies.total(), N, "close returned only after the drain");
         for i in 0..N {
             assert_eq!(replies.only(i), "ok", "task {i}");

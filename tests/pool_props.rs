@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use eventbus::pool::core::{Core, Refused, Stats};
-use eventbus::pool::{CloseReport, HandlerPanicked, Key, Outcome, Pool, PoolConfig, Task};
+use eventbus::pool::{DrainReport, HandlerPanicked, Key, Outcome, Pool, PoolConfig, Task};
 use futures::FutureExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
@@ -394,7 +394,7 @@ fn run_on_pool(specs: &[Spec], concurrency: usize, capacity: usize) -> Result<()
         }
         pool.close(None).await
     });
-    prop_assert_eq!(report, CloseReport { handed_back: 0, timed_out: false });
+    prop_assert_eq!(report, DrainReport { handed_back: 0, timed_out: false });
     prop_assert_eq!(handled.load(SeqCst), specs.len(), "every task handled exactly once");
 
     let replies = replies.lock().unwrap();

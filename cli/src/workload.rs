@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eventbus::checker::OrderChecker;
+use eventbus::testing::OrderChecker;
 use eventbus::{Broker, BusConfig, Envelope, EventBus};
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};

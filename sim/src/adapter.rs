@@ -11,15 +11,26 @@
 //! `SessionEvent::Lost` for its partitions, waits until the consumer took
 //! that, and rejoins. It also gives its partitions up as lost by itself when
 //! it has not been heard by the broker for most of the session timeout, so
-//! it stops working on them before the broker hands them to someone else.
+//! it stops working on them before the broker hands them to someone else —
+//! unless the nemesis turned that off ([`ClientConfig::self_release`]): then
+//! a client cut off from the broker keeps working on partitions the broker
+//! gave away, and its late commits must be fenced by the broker.
+//!
+//! Like the real adapters it reports its connection state (`Connected`
+//! after a request was answered, `Disconnected` after one failed) and the
+//! group's lag (read from the broker), so the bus's connection and backlog
+//! alerts run under the simulator.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use eventbus::broker::{Broker, BrokerError, Delivery, Outbound, Position, Session, SessionEvent, TopicPartition};
-use tokio::sync::{mpsc, oneshot};
+use eventbus::broker::{
+    Broker, BrokerError, ConnectionState, Delivery, Outbound, PartitionLag, Position, Session, SessionEvent,
+    TopicPartition,
+};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use turmoil::net::TcpStream;
@@ -48,6 +59,10 @@ pub struct ClientConfig {
     pub fetch_max: u32,
     /// Fetch only while fewer than this many messages wait for the consumer.
     pub buffer: usize,
+    /// Give the partitions up as lost after 90% of the session timeout
+    /// without an answer. Off (a nemesis switch), a cut-off client works on
+    /// until the broker tells it the member is gone.
+    pub self_release: bool,
 }
 
 impl Default for ClientConfig {
@@ -62,6 +77,7 @@ impl Default for ClientConfig {
             poll_interval: Duration::from_millis(20),
             fetch_max: 16,
             buffer: 16,
+            self_release: true,
         }
     }
 }
@@ -96,15 +112,33 @@ impl Conn {
     }
 }
 
+/// The client's view of its broker: `Connected` after an answer,
+/// `Disconnected` after a failed connect or exchange.
+type Link = Arc<watch::Sender<ConnectionState>>;
+
+fn set_link(link: &Link, state: ConnectionState) {
+    link.send_if_modified(|s| std::mem::replace(s, state) != state);
+}
+
 /// Calls over an optional connection, opening it if needed and dropping it
 /// on any failure (a timed-out exchange leaves the stream mid-frame).
-async fn call(conn: &mut Option<Conn>, cfg: &ClientConfig, body: Request) -> Result<Response, ConnError> {
+async fn call(conn: &mut Option<Conn>, cfg: &ClientConfig, link: &Link, body: Request) -> Result<Response, ConnError> {
     if conn.is_none() {
-        *conn = Some(Conn::open(cfg).await?);
+        match Conn::open(cfg).await {
+            Ok(c) => *conn = Some(c),
+            Err(e) => {
+                set_link(link, ConnectionState::Disconnected);
+                return Err(e);
+            }
+        }
     }
     let result = conn.as_mut().expect("opened above").call(body, cfg.request_timeout).await;
-    if result.is_err() {
-        *conn = None;
+    match result {
+        Ok(_) => set_link(link, ConnectionState::Connected),
+        Err(_) => {
+            *conn = None;
+            set_link(link, ConnectionState::Disconnected);
+        }
     }
     result
 }
@@ -139,6 +173,9 @@ struct Inner {
     conn: tokio::sync::Mutex<Option<Conn>>,
     /// Producer id for idempotent publishing, and its next sequence.
     producer: Option<(u64, AtomicU64)>,
+    /// For `consumer_lag` (one attempt, so a sample never waits on publishes).
+    lag_conn: tokio::sync::Mutex<Option<Conn>>,
+    link: Link,
 }
 
 /// A connection to the simulated broker. Create it inside the host that uses it.
@@ -158,6 +195,8 @@ impl SimBroker {
                 history,
                 conn: tokio::sync::Mutex::new(None),
                 producer: producer.map(|id| (id, AtomicU64::new(1))),
+                lag_conn: tokio::sync::Mutex::new(None),
+                link: Arc::new(watch::Sender::new(ConnectionState::Connected)),
             }),
         }
     }
@@ -169,7 +208,7 @@ impl SimBroker {
         let mut conn = slot.take();
         let deadline = Instant::now() + cfg.publish_timeout;
         loop {
-            match call(&mut conn, cfg, body.clone()).await {
+            match call(&mut conn, cfg, &self.inner.link, body.clone()).await {
                 Ok(resp) => {
                     *slot = conn;
                     return Ok(resp);
@@ -221,6 +260,7 @@ impl Broker for SimBroker {
             next_at: Instant::now(),
             events: ev_tx,
             buffered: buffered.clone(),
+            link: self.inner.link.clone(),
         };
         // The group is joined lazily by the driver, like Kafka's subscribe.
         let join = tokio::spawn(driver.run(cmd_rx));
@@ -232,6 +272,23 @@ impl Broker for SimBroker {
             Response::Ok => Ok(()),
             Response::Error { kind, message } => Err(broker_error(kind, message)),
             other => Err(BrokerError::Other(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    fn connection_state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.link.subscribe()
+    }
+
+    async fn consumer_lag(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, BrokerError> {
+        let body = Request::Lag { group: group.to_string(), topics: topics.to_vec() };
+        let mut conn = self.inner.lag_conn.lock().await;
+        match call(&mut conn, &self.inner.cfg, &self.inner.link, body).await {
+            Ok(Response::Lag { partitions }) => Ok(partitions
+                .into_iter()
+                .map(|(tp, end_offset, committed)| PartitionLag { partition: unwire(&tp), end_offset, committed })
+                .collect()),
+            Ok(other) => Err(BrokerError::Other(format!("unexpected response {other:?}"))),
+            Err(e) => Err(BrokerError::Unavailable(e.to_string())),
         }
     }
 }
@@ -329,6 +386,7 @@ struct Driver {
     next_at: Instant,
     events: mpsc::UnboundedSender<Item>,
     buffered: Arc<AtomicUsize>,
+    link: Link,
 }
 
 enum Wake {
@@ -341,7 +399,11 @@ enum Wake {
 impl Driver {
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
         loop {
-            let expiry = self.member.and(self.last_ok).map(|t| t + self.cfg.session_timeout.mul_f64(0.9));
+            let expiry = self
+                .member
+                .and(self.last_ok)
+                .filter(|_| self.cfg.self_release)
+                .map(|t| t + self.cfg.session_timeout.mul_f64(0.9));
             let next_at = self.next_at;
             let waiting_lost = self.lost_ack.is_some();
             let wake = {
@@ -407,7 +469,7 @@ impl Driver {
     /// Calls the broker as our member; handles `UnknownMember` by losing.
     async fn member_call(&mut self, body: Request) -> Result<Response, BrokerError> {
         let sent = Instant::now();
-        match call(&mut self.conn, &self.cfg, body).await {
+        match call(&mut self.conn, &self.cfg, &self.link, body).await {
             Ok(Response::UnknownMember) => {
                 self.lose();
                 Err(BrokerError::CommitRejected { partition: String::new(), reason: "session expired".into() })
@@ -431,7 +493,7 @@ impl Driver {
                 previous: self.previous,
             };
             let sent = Instant::now();
-            match call(&mut self.conn, &self.cfg, join).await {
+            match call(&mut self.conn, &self.cfg, &self.link, join).await {
                 Ok(Response::Joined { member, .. }) => {
                     self.member = Some(member);
                     self.previous = None;
@@ -591,7 +653,8 @@ impl Driver {
 
     async fn leave(&mut self) {
         if let Some(member) = self.member.take() {
-            let _ = call(&mut self.conn, &self.cfg, Request::Leave { group: self.group.clone(), member }).await;
+            let leave = Request::Leave { group: self.group.clone(), member };
+            let _ = call(&mut self.conn, &self.cfg, &self.link, leave).await;
         }
         self.conn = None;
     }

@@ -18,7 +18,8 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use eventbus::broker::memory::partition_for_key;
+use eventbus::broker::plan::{self, partition_for_key};
+use eventbus::broker::TopicPartition;
 use eventbus::consumer::task_headers::{
     DLQ_ATTEMPTS, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_REASON,
 };
@@ -88,14 +89,14 @@ struct Member {
     topics: BTreeSet<String>,
     events: VecDeque<(u64, WireEvent)>,
     next_event: u64,
-    revoking: BTreeSet<WireTp>,
+    revoking: BTreeSet<TopicPartition>,
     last_seen: Instant,
 }
 
 #[derive(Default)]
 struct Group {
     members: BTreeMap<u64, Member>,
-    owner: BTreeMap<WireTp, u64>,
+    owner: BTreeMap<TopicPartition, u64>,
     generation: u64,
 }
 
@@ -113,8 +114,17 @@ struct Broker {
     history: History,
 }
 
-fn tp_of(tp: &WireTp) -> (String, u32) {
-    (tp.topic.clone(), tp.partition)
+fn tp_of(tp: &TopicPartition) -> (String, u32) {
+    (tp.topic.to_string(), tp.partition)
+}
+
+/// The planner's name of a partition on the wire.
+fn unwire(tp: &WireTp) -> TopicPartition {
+    TopicPartition::new(tp.topic.as_str(), tp.partition)
+}
+
+fn wire(tp: &TopicPartition) -> WireTp {
+    WireTp { topic: tp.topic.to_string(), partition: tp.partition }
 }
 
 fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
@@ -194,6 +204,19 @@ impl Broker {
             Request::Commit { group, member, offsets } => self.commit(&group, member, offsets),
             Request::Release { group, member, partitions } => self.release(&group, member, partitions),
             Request::SetTopics { group, member, topics } => self.set_topics(&group, member, topics),
+            Request::Lag { group, topics } => {
+                let d = self.disk.lock();
+                let mut partitions = Vec::new();
+                for topic in topics {
+                    let Some(logs) = d.topics.get(&topic) else { continue };
+                    for (p, log) in logs.iter().enumerate() {
+                        let tp = WireTp { topic: topic.clone(), partition: p as u32 };
+                        let committed = d.committed.get(&(group.clone(), tp.clone())).copied().unwrap_or(0);
+                        partitions.push((tp, log.len() as u64, committed));
+                    }
+                }
+                Response::Lag { partitions }
+            }
             Request::Leave { group, member } => {
                 let mut coord = self.coord.borrow_mut();
                 if let Some(g) = coord.groups.get_mut(&group) {
@@ -323,8 +346,10 @@ impl Broker {
         m.last_seen = Instant::now();
         m.events.retain(|(seq, _)| *seq > ack);
         let events: Vec<(u64, WireEvent)> = m.events.iter().cloned().collect();
-        let servable: Vec<(WireTp, u64)> =
-            fetch.into_iter().filter(|(tp, _)| g.owner.get(tp) == Some(&member) && !m.revoking.contains(tp)).collect();
+        let servable: Vec<(WireTp, u64)> = fetch
+            .into_iter()
+            .filter(|(tp, _)| g.owner.get(&unwire(tp)) == Some(&member) && !m.revoking.contains(&unwire(tp)))
+            .collect();
         let mut messages = Vec::new();
         if !servable.is_empty() {
             let per = (max as usize / servable.len()).max(1);
@@ -348,17 +373,31 @@ impl Broker {
 
     fn commit(&self, group: &str, member: u64, offsets: Vec<(WireTp, u64)>) -> Response {
         let mut coord = self.coord.borrow_mut();
-        let Some(g) = coord.groups.get_mut(group) else { return Response::UnknownMember };
-        let Some(m) = g.members.get_mut(&member) else { return Response::UnknownMember };
+        // A member the group no longer knows (expired, left, or of a previous
+        // boot) commits nothing: fenced like a non-owner.
+        let fenced = |offsets: &[(WireTp, u64)]| {
+            for (tp, offset) in offsets {
+                self.history.record(Event::Commit {
+                    client: format!("gone member {member}"),
+                    member,
+                    tp: (tp.topic.clone(), tp.partition),
+                    offset: *offset,
+                    accepted: false,
+                });
+            }
+            Response::UnknownMember
+        };
+        let Some(g) = coord.groups.get_mut(group) else { return fenced(&offsets) };
+        let Some(m) = g.members.get_mut(&member) else { return fenced(&offsets) };
         m.last_seen = Instant::now();
         let client = m.client.clone();
         // Fencing: only the current owner may commit a partition.
-        let rejected = offsets.iter().find(|(tp, _)| g.owner.get(tp) != Some(&member)).cloned();
+        let rejected = offsets.iter().find(|(tp, _)| g.owner.get(&unwire(tp)) != Some(&member)).cloned();
         for (tp, offset) in &offsets {
             self.history.record(Event::Commit {
                 client: client.clone(),
                 member,
-                tp: tp_of(tp),
+                tp: (tp.topic.clone(), tp.partition),
                 offset: *offset,
                 accepted: rejected.is_none(),
             });
@@ -382,7 +421,7 @@ impl Broker {
         let Some(m) = g.members.get_mut(&member) else { return Response::UnknownMember };
         m.last_seen = Instant::now();
         let mut released = Vec::new();
-        for tp in partitions {
+        for tp in partitions.iter().map(unwire) {
             if m.revoking.remove(&tp) && g.owner.get(&tp) == Some(&member) {
                 g.owner.remove(&tp);
                 released.push(tp_of(&tp));
@@ -432,33 +471,23 @@ impl Broker {
         }
     }
 
-    /// Moves `g` toward its target assignment: revokes what must move,
-    /// assigns what is free (revoke before assign).
+    /// Moves `g` toward its target assignment (the library's planner,
+    /// shared with `MemoryBroker`): revokes what must move, assigns what is
+    /// free (revoke before assign).
     fn rebalance(&self, name: &str, g: &mut Group) {
         let d = self.disk.lock();
-        let mut target: BTreeMap<WireTp, u64> = BTreeMap::new();
-        let subscribed: BTreeSet<&String> = g.members.values().flat_map(|m| m.topics.iter()).collect();
-        for topic in subscribed {
-            let Some(parts) = d.topics.get(topic) else { continue };
-            let eligible: Vec<u64> =
-                g.members.iter().filter(|(_, m)| m.topics.contains(topic)).map(|(id, _)| *id).collect();
-            for p in 0..parts.len() {
-                target.insert(WireTp { topic: topic.clone(), partition: p as u32 }, eligible[p % eligible.len()]);
-            }
+        let plan = plan::plan(
+            g.members.iter().map(|(id, m)| (*id, &m.topics)),
+            |t| d.topics.get(t).map_or(0, |p| p.len() as u32),
+            &g.owner,
+            |id, tp| g.members.get(&id).is_some_and(|m| m.revoking.contains(tp)),
+        );
+        if plan.is_empty() {
+            return;
         }
-        let mut changed = false;
-        let mut revokes: BTreeMap<u64, Vec<WireTp>> = BTreeMap::new();
-        for (tp, owner) in &g.owner {
-            if target.get(tp) != Some(owner) {
-                let m = g.members.get_mut(owner).expect("owners are members");
-                if m.revoking.insert(tp.clone()) {
-                    revokes.entry(*owner).or_default().push(tp.clone());
-                }
-            }
-        }
-        for (id, tps) in revokes {
-            changed = true;
-            let m = g.members.get_mut(&id).expect("member");
+        for (id, tps) in plan.revoke {
+            let m = g.members.get_mut(&id).expect("owners are members");
+            m.revoking.extend(tps.iter().cloned());
             self.history.record(Event::Revoke {
                 client: m.client.clone(),
                 member: id,
@@ -466,33 +495,21 @@ impl Broker {
             });
             let seq = m.next_event;
             m.next_event += 1;
-            m.events.push_back((seq, WireEvent::Revoked(tps)));
+            m.events.push_back((seq, WireEvent::Revoked(tps.iter().map(wire).collect())));
         }
-        let mut assigns: BTreeMap<u64, Vec<(WireTp, u64)>> = BTreeMap::new();
-        for (tp, id) in target {
-            if !g.owner.contains_key(&tp) {
+        for (id, tps) in plan.assign {
+            let m = g.members.get_mut(&id).expect("targets are members");
+            let mut assigned = Vec::new();
+            for tp in tps {
                 g.owner.insert(tp.clone(), id);
-                let start = d.committed.get(&(name.to_string(), tp.clone())).copied().unwrap_or(0);
-                assigns.entry(id).or_default().push((tp, start));
-            }
-        }
-        for (id, tps) in assigns {
-            changed = true;
-            let m = g.members.get_mut(&id).expect("member");
-            for (tp, start) in &tps {
-                self.history.record(Event::Assign {
-                    client: m.client.clone(),
-                    member: id,
-                    tp: tp_of(tp),
-                    start: *start,
-                });
+                let start = d.committed.get(&(name.to_string(), wire(&tp))).copied().unwrap_or(0);
+                self.history.record(Event::Assign { client: m.client.clone(), member: id, tp: tp_of(&tp), start });
+                assigned.push((wire(&tp), start));
             }
             let seq = m.next_event;
             m.next_event += 1;
-            m.events.push_back((seq, WireEvent::Assigned(tps)));
+            m.events.push_back((seq, WireEvent::Assigned(assigned)));
         }
-        if changed {
-            g.generation += 1;
-        }
+        g.generation += 1;
     }
 }

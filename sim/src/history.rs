@@ -4,7 +4,7 @@
 //! received in a later step than it was sent).
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -134,6 +134,20 @@ pub enum Event {
     Panic {
         message: String,
     },
+    /// The bus of incarnation `inc` called `on_backlog`: a backlog of
+    /// `source` (`pool`, `consumer_lag`) started or recovered at `value`.
+    Backlog {
+        inc: String,
+        source: String,
+        started: bool,
+        value: u64,
+    },
+    /// The bus of incarnation `inc` called `on_connection`: its broker
+    /// connection dropped (`up: false`) or came back.
+    Connection {
+        inc: String,
+        up: bool,
+    },
     /// `bus.close()` returned on incarnation `inc`.
     /// `queued`/`in_flight`: the pool when the close began.
     Closed {
@@ -164,8 +178,26 @@ impl fmt::Display for Record {
 struct Inner {
     records: Vec<Record>,
     sealed: bool,
+    /// Set by [`History::hold`]: records wait here, to be appended sorted.
+    held: Option<Vec<(u64, Event)>>,
     /// Events handled successfully or dead-lettered (for the quiescence test).
     completed: BTreeSet<EventId>,
+}
+
+impl Inner {
+    fn push(&mut self, at_ms: u64, event: Event) {
+        match &event {
+            Event::End { id, end: HandlerEnd::Ok, .. } => {
+                self.completed.insert(id.clone());
+            }
+            Event::Append { id: Some(id), dlq: Some(_), .. } => {
+                self.completed.insert(id.clone());
+            }
+            _ => {}
+        }
+        let seq = self.records.len() as u64;
+        self.records.push(Record { seq, at_ms, event });
+    }
 }
 
 /// The shared, append-only history of a run.
@@ -198,17 +230,31 @@ impl History {
         if inner.sealed {
             return;
         }
-        match &event {
-            Event::End { id, end: HandlerEnd::Ok, .. } => {
-                inner.completed.insert(id.clone());
-            }
-            Event::Append { id: Some(id), dlq: Some(_), .. } => {
-                inner.completed.insert(id.clone());
-            }
-            _ => {}
+        if let Some(held) = inner.held.as_mut() {
+            held.push((at_ms, event));
+            return;
         }
-        let seq = inner.records.len() as u64;
-        inner.records.push(Record { seq, at_ms, event });
+        inner.push(at_ms, event);
+    }
+
+    /// Holds what is recorded during `f` and appends it sorted (by time,
+    /// then by its rendering). For things that happen at one instant in an
+    /// order nothing defines: a crashed host's tasks are dropped in the
+    /// order of their tokio task ids, which come from a process-wide
+    /// counter, so the order of their `Aborted` ends would depend on what
+    /// other simulations ran on other threads before.
+    pub fn hold<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.lock().held = Some(Vec::new());
+        let out = f();
+        let mut inner = self.lock();
+        let mut held = inner.held.take().unwrap_or_default();
+        held.sort_by_cached_key(|(at, e)| (*at, format!("{e:?}")));
+        if !inner.sealed {
+            for (at, e) in held {
+                inner.push(at, e);
+            }
+        }
+        out
     }
 
     /// Stops recording (what happens while the simulation is torn down is not history).
@@ -298,7 +344,26 @@ pub struct Counts {
     pub panics: u64,
     /// Dead-letter writes the broker refused (nemesis `RefuseDeadLetters`).
     pub dead_letters_refused: u64,
+    /// Releases of partitions while a handler of this incarnation still ran
+    /// an event of them: the consumer's revoke timeout fired.
+    pub revoke_timeouts: u64,
+    /// `on_backlog` calls that started a backlog.
+    pub backlog_alerts: u64,
+    /// `on_connection` calls: disconnections, and reconnections.
+    pub disconnects: u64,
+    pub reconnects: u64,
+    /// Seeds run with the clients' self-release turned off.
+    pub no_self_release: u64,
+    /// Seeds run with a short consumer revoke timeout.
+    pub short_revoke_timeout: u64,
+    /// Seeds run with turmoil's random host order.
+    pub random_order: u64,
 }
+
+/// Texts of the `Fault` records of a seed's nemesis switches (set at time 0).
+pub const NO_SELF_RELEASE_RECORD: &str = "clients do not give partitions up at 90% of the session timeout";
+pub const SHORT_REVOKE_TIMEOUT_RECORD: &str = "short consumer revoke timeout";
+pub const RANDOM_ORDER_RECORD: &str = "random host order";
 
 /// Prefixes of the `Fault` records that the counts pick up.
 pub const PANIC_RECORD: &str = "planned handler panic";
@@ -308,7 +373,29 @@ impl Counts {
     pub fn of(records: &[Record]) -> Counts {
         let mut c = Counts::default();
         let mut seen = BTreeSet::new();
+        // Where each event lives, and which events each incarnation is running.
+        let mut home: BTreeMap<EventId, Tp> = BTreeMap::new();
+        let mut running: BTreeSet<(String, EventId)> = BTreeSet::new();
         for r in records {
+            match &r.event {
+                Event::Append { tp, id: Some(id), dlq: None, .. } => {
+                    home.entry(id.clone()).or_insert_with(|| tp.clone());
+                }
+                Event::Begin { inc, id, .. } => {
+                    running.insert((inc.clone(), id.clone()));
+                }
+                Event::End { inc, id, .. } => {
+                    running.remove(&(inc.clone(), id.clone()));
+                }
+                Event::Release { client, tps, .. }
+                    if running
+                        .iter()
+                        .any(|(inc, id)| inc == client && home.get(id).is_some_and(|tp| tps.contains(tp))) =>
+                {
+                    c.revoke_timeouts += 1;
+                }
+                _ => {}
+            }
             match &r.event {
                 Event::Append { dlq: None, .. } => c.appended += 1,
                 Event::Append { dlq: Some(_), .. } => c.dead_lettered += 1,
@@ -330,6 +417,12 @@ impl Counts {
                 Event::Closed { handed_back, .. } => c.handed_back += *handed_back as u64,
                 Event::Fault(text) if text.starts_with(PANIC_RECORD) => c.panics += 1,
                 Event::Fault(text) if text.starts_with(REFUSED_DEAD_LETTER_RECORD) => c.dead_letters_refused += 1,
+                Event::Fault(text) if text.starts_with(NO_SELF_RELEASE_RECORD) => c.no_self_release += 1,
+                Event::Fault(text) if text.starts_with(SHORT_REVOKE_TIMEOUT_RECORD) => c.short_revoke_timeout += 1,
+                Event::Fault(text) if text.starts_with(RANDOM_ORDER_RECORD) => c.random_order += 1,
+                Event::Backlog { started: true, .. } => c.backlog_alerts += 1,
+                Event::Connection { up: false, .. } => c.disconnects += 1,
+                Event::Connection { up: true, .. } => c.reconnects += 1,
                 _ => {}
             }
         }
@@ -353,6 +446,13 @@ impl Counts {
         self.handed_back += o.handed_back;
         self.panics += o.panics;
         self.dead_letters_refused += o.dead_letters_refused;
+        self.revoke_timeouts += o.revoke_timeouts;
+        self.backlog_alerts += o.backlog_alerts;
+        self.disconnects += o.disconnects;
+        self.reconnects += o.reconnects;
+        self.no_self_release += o.no_self_release;
+        self.short_revoke_timeout += o.short_revoke_timeout;
+        self.random_order += o.random_order;
     }
 }
 

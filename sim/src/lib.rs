@@ -5,23 +5,26 @@
 //!   that survives its crashes; groups and sessions that do not),
 //! - [`proto`]: the framed protocol between broker and clients,
 //! - [`adapter`]: `SimBroker`/`SimSession`, the `eventbus::broker` traits over it,
-//! - [`workload`]: producer and consumer hosts, recording handlers,
-//! - [`scenario`]: what a seed decides (latency, handler faults, the nemesis),
-//! - [`runner`]: one seed from start to verdict, [`checker`]: the verdict.
+//! - [`hosts`]: the producer and consumer hosts' software, recording handlers,
+//! - [`builder`]: the bounds of a simulation ([`Builder`]),
+//! - [`scenario`]: what a seed decides within them (latency, handler faults, the nemesis),
+//! - [`runner`]: one seed from start to verdict, [`verdict`]: the rules a history must keep.
 //!
 //! `cargo run -p sim --release -- --seeds 200` sweeps seeds;
 //! `cargo run -p sim --release -- --seed S` replays one. See `docs/verification.md`.
 
 pub mod adapter;
 pub mod broker;
-pub mod checker;
+pub mod builder;
 pub mod history;
+pub mod hosts;
 pub mod proto;
 pub mod runner;
 pub mod scenario;
-pub mod workload;
+pub mod verdict;
 
-pub use runner::{run_seed, Builder, RunReport};
+pub use builder::Builder;
+pub use runner::{run_seed, RunReport};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -44,6 +44,9 @@ struct Args {
     /// Run without network, crash and close faults.
     #[arg(long)]
     no_faults: bool,
+    /// In a sweep: print every seed's trace hash (`seed S trace hash H`).
+    #[arg(long)]
+    hashes: bool,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,9 @@ fn main() -> ExitCode {
     if let Some(seed) = args.seed {
         let report = cfg.seed(seed).run();
         println!("seed {seed}: {} events, faulty: {}", report.events, report.faulty);
+        for switch in &report.switches {
+            println!("  switch: {switch}");
+        }
         for (t, a) in &report.schedule {
             println!("  {:>6}ms  {a}", t.as_millis());
         }
@@ -120,9 +126,37 @@ fn main() -> ExitCode {
         sim.as_secs_f64() / cpu.as_secs_f64().max(1e-9),
         reports.iter().filter(|r| r.faulty).count(),
     );
+    if args.hashes {
+        for r in &reports {
+            println!("seed {} trace hash {:016x}", r.seed, r.trace_hash);
+        }
+    }
     let mut counts = sim::history::Counts::default();
     reports.iter().for_each(|r| counts.add(&r.counts));
     println!("totals: {counts:?}");
+    let mut faults: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for r in &reports {
+        for (_, action) in &r.schedule {
+            // "crash consumer-2" and "crash consumer-0" are one kind.
+            let mut kind = String::new();
+            for c in action.to_string().chars() {
+                if !c.is_ascii_digit() {
+                    kind.push(c);
+                } else if !kind.ends_with('N') {
+                    kind.push('N');
+                }
+            }
+            *faults.entry(kind).or_default() += 1;
+        }
+    }
+    println!("scheduled faults: {faults:?}");
+    let stale = |r: &&sim::RunReport| r.counts.no_self_release > 0;
+    println!(
+        "without self-release: {} seeds, {} rejected commits (other seeds: {})",
+        reports.iter().filter(stale).count(),
+        reports.iter().filter(stale).map(|r| r.counts.rejected_commits).sum::<u64>(),
+        reports.iter().filter(|r| !stale(r)).map(|r| r.counts.rejected_commits).sum::<u64>(),
+    );
     if failures.is_empty() {
         println!("{} passed, 0 failed", reports.len());
         ExitCode::SUCCESS

@@ -86,6 +86,11 @@ pub enum Request {
         group: String,
         member: u64,
     },
+    /// The group's end and committed offsets on every partition of `topics`.
+    Lag {
+        group: String,
+        topics: Vec<String>,
+    },
 }
 
 /// A group change for one member, numbered per member.
@@ -136,6 +141,10 @@ pub enum Response {
     /// The member is not (or no longer) in the group: session expired,
     /// broker restarted, or it left.
     UnknownMember,
+    /// Answer to `Lag`: (partition, end offset, committed offset).
+    Lag {
+        partitions: Vec<(WireTp, u64, u64)>,
+    },
     Error {
         kind: ErrorKind,
         message: String,

@@ -9,130 +9,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::adapter::ClientConfig;
 use crate::broker::{self, BrokerSettings};
-use crate::checker::{check, CheckContext, Violation};
+use crate::builder::Builder;
 use crate::history::{trace_hash, Counts, Event, Record};
+use crate::hosts::{consumer_bus_config, consumer_host, producer_client, Ctl, World, GROUP};
 use crate::proto::WireTp;
 use crate::scenario::{Action, Node, Scenario};
-use crate::workload::{consumer_bus_config, consumer_host, producer_client, Ctl, World, GROUP};
-
-/// Settings of a simulation, builder-style like `turmoil::Builder`. Each
-/// seed draws its own scenario within these bounds.
-#[derive(Debug, Clone)]
-pub struct Builder {
-    pub seed: u64,
-    /// Length of the fault window (simulated).
-    pub duration: Duration,
-    /// Give up waiting for quiescence after this much simulated time.
-    pub max_time: Duration,
-    /// Upper bound of a seed's minimum message latency.
-    pub min_latency: Duration,
-    /// Upper bound of a seed's maximum message latency.
-    pub max_latency: Duration,
-    /// Upper bound of turmoil's random link failure rate (0 = never).
-    pub fail_rate: f64,
-    /// Upper bound of the transient handler failure rate (a quarter of it for permanent failures).
-    pub handler_fail_rate: f64,
-    pub faults: bool,
-    /// Share of seeds that run without any fault.
-    pub fault_free_share: f64,
-    pub max_faults: usize,
-    pub events: usize,
-    pub aggregates: usize,
-    pub topics: Vec<(String, u32)>,
-    pub consumers: usize,
-    pub producers: usize,
-    /// Concurrent publishers per producer host.
-    pub lanes: usize,
-    pub max_attempts: u32,
-    pub tick: Duration,
-    /// Some failing handler attempts panic (in the handler's synchronous
-    /// part or in its future) instead of returning an error.
-    pub handler_panics: bool,
-    /// The nemesis may make the broker refuse dead letters for a while.
-    pub dead_letter_refusals: bool,
-}
-
-impl Default for Builder {
-    fn default() -> Self {
-        Builder {
-            seed: 0,
-            duration: Duration::from_secs(3),
-            max_time: Duration::from_secs(60),
-            min_latency: Duration::from_millis(2),
-            max_latency: Duration::from_millis(15),
-            fail_rate: 0.002,
-            handler_fail_rate: 0.1,
-            faults: true,
-            fault_free_share: 0.15,
-            max_faults: 6,
-            events: 300,
-            aggregates: 24,
-            topics: vec![("orders".into(), 3), ("payments".into(), 3)],
-            consumers: 3,
-            producers: 2,
-            lanes: 3,
-            max_attempts: 3,
-            tick: Duration::from_millis(1),
-            handler_panics: true,
-            dead_letter_refusals: true,
-        }
-    }
-}
+use crate::verdict::{check, CheckContext, Violation};
 
 impl Builder {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn seed(&mut self, seed: u64) -> &mut Self {
-        self.seed = seed;
-        self
-    }
-    pub fn duration(&mut self, d: Duration) -> &mut Self {
-        self.duration = d;
-        self
-    }
-    pub fn max_time(&mut self, d: Duration) -> &mut Self {
-        self.max_time = d;
-        self
-    }
-    pub fn latency(&mut self, min: Duration, max: Duration) -> &mut Self {
-        self.min_latency = min;
-        self.max_latency = max.max(min);
-        self
-    }
-    pub fn fail_rate(&mut self, rate: f64) -> &mut Self {
-        self.fail_rate = rate;
-        self
-    }
-    pub fn handler_fail_rate(&mut self, rate: f64) -> &mut Self {
-        self.handler_fail_rate = rate;
-        self
-    }
-    pub fn faults(&mut self, on: bool) -> &mut Self {
-        self.faults = on;
-        self
-    }
-    pub fn handler_panics(&mut self, on: bool) -> &mut Self {
-        self.handler_panics = on;
-        self
-    }
-    pub fn dead_letter_refusals(&mut self, on: bool) -> &mut Self {
-        self.dead_letter_refusals = on;
-        self
-    }
-    pub fn events(&mut self, n: usize) -> &mut Self {
-        self.events = n;
-        self
-    }
-    pub fn consumers(&mut self, n: usize) -> &mut Self {
-        self.consumers = n.max(1);
-        self
-    }
-    pub fn producers(&mut self, n: usize) -> &mut Self {
-        self.producers = n.max(1);
-        self
-    }
-
     /// Runs the configured seed.
     pub fn run(&self) -> RunReport {
         run_seed(self, self.seed)
@@ -152,6 +36,8 @@ pub struct RunReport {
     pub events: i64,
     pub faulty: bool,
     pub schedule: Vec<(Duration, Action)>,
+    /// The nemesis' switches of the seed (`Scenario::switches`).
+    pub switches: Vec<String>,
     pub counts: Counts,
 }
 
@@ -212,8 +98,8 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
     let started = Instant::now();
     let scenario = Scenario::generate(cfg, seed);
     let topics: Vec<String> = cfg.topics.iter().map(|t| t.0.clone()).collect();
-    let client = ClientConfig::default();
-    let bus = consumer_bus_config(cfg.max_attempts, scenario.close_timeout);
+    let client = ClientConfig { self_release: scenario.self_release, ..ClientConfig::default() };
+    let bus = consumer_bus_config(cfg.max_attempts, scenario.close_timeout, scenario.revoke_timeout);
     let world = Arc::new(World::new(scenario.clone(), topics.clone(), cfg.consumers, client.clone(), bus));
     let history = world.history.clone();
     let _panics = crate::history::record_panics(&history);
@@ -225,7 +111,11 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
         idle_timeout: Duration::from_secs(5),
     };
 
-    let mut sim = turmoil::Builder::new()
+    let mut builder = turmoil::Builder::new();
+    if scenario.random_order {
+        builder.enable_random_order();
+    }
+    let mut sim = builder
         .rng_seed(seed)
         .epoch(epoch())
         .tick_duration(cfg.tick)
@@ -245,6 +135,9 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
     }
     for p in 0..cfg.producers {
         sim.client(Node::Producer(p).name(), producer_client(world.clone(), p));
+    }
+    for switch in scenario.switches() {
+        history.record_at(0, Event::Fault(switch));
     }
     if scenario.fail_rate > 0.0 {
         sim.set_fail_rate(scenario.fail_rate);
@@ -281,17 +174,17 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
                     true
                 }
                 Action::CrashBroker if broker_up => {
-                    sim.crash(broker::BROKER);
+                    history.hold(|| sim.crash(broker::BROKER));
                     broker_up = false;
                     true
                 }
                 Action::RestartBroker if !broker_up => {
-                    sim.bounce(broker::BROKER);
+                    history.hold(|| sim.bounce(broker::BROKER));
                     broker_up = true;
                     true
                 }
                 Action::CrashConsumer(i) if consumers[*i] == Up::Running => {
-                    sim.crash(Node::Consumer(*i).name());
+                    history.hold(|| sim.crash(Node::Consumer(*i).name()));
                     consumers[*i] = Up::Crashed;
                     true
                 }
@@ -333,7 +226,7 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
             sim.set_max_message_latency(scenario.max_latency);
             world.disk.lock().refuse_dead_letters = false;
             if !broker_up {
-                sim.bounce(broker::BROKER);
+                history.hold(|| sim.bounce(broker::BROKER));
                 broker_up = true;
             }
             restart_wanted.iter_mut().for_each(|r| *r = true);
@@ -354,7 +247,7 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
             };
             if ready {
                 world.ctl[i].send_replace(Ctl::Run);
-                sim.bounce(name.as_str());
+                history.hold(|| sim.bounce(name.as_str()));
                 consumers[i] = Up::Running;
                 restart_wanted[i] = false;
                 history.record_at(now.as_millis() as u64, Event::Fault(format!("restart consumer-{i}")));
@@ -429,6 +322,7 @@ pub fn run_seed(cfg: &Builder, seed: u64) -> RunReport {
         wall_time: started.elapsed(),
         events: scenario.events(),
         faulty: scenario.faulty(),
+        switches: scenario.switches(),
         schedule: scenario.schedule,
     }
 }

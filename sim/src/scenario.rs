@@ -9,8 +9,8 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use crate::builder::Builder;
 use crate::history::EventId;
-use crate::runner::Builder;
 
 /// FNV-1a over `parts`: a stable, seedable hash for per-event decisions.
 pub fn mix(parts: &[&[u8]]) -> u64 {
@@ -179,11 +179,37 @@ pub struct Scenario {
     pub bursts: Vec<Duration>,
     /// The nemesis' schedule, sorted by time; empty for a fault-free run.
     pub schedule: Vec<(Duration, Action)>,
+    /// Whether clients give their partitions up at 90% of the session
+    /// timeout (off: stale commits reach the broker and must be fenced).
+    pub self_release: bool,
+    /// The consumers' revoke timeout; short ones fire while handlers run.
+    pub revoke_timeout: Duration,
+    /// turmoil runs the hosts of each step in an order drawn from the seed.
+    pub random_order: bool,
 }
+
+/// The consumers' revoke timeout when the nemesis does not shorten it.
+pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Scenario {
     pub fn faulty(&self) -> bool {
-        !self.schedule.is_empty() || self.fail_rate > 0.0
+        !self.schedule.is_empty() || self.fail_rate > 0.0 || !self.self_release || self.revoke_timeout < REVOKE_TIMEOUT
+    }
+
+    /// The nemesis' switches of this seed, as `Fault` records say them.
+    pub fn switches(&self) -> Vec<String> {
+        use crate::history::{NO_SELF_RELEASE_RECORD, RANDOM_ORDER_RECORD, SHORT_REVOKE_TIMEOUT_RECORD};
+        let mut out = Vec::new();
+        if !self.self_release {
+            out.push(NO_SELF_RELEASE_RECORD.to_string());
+        }
+        if self.revoke_timeout < REVOKE_TIMEOUT {
+            out.push(format!("{SHORT_REVOKE_TIMEOUT_RECORD}: {}ms", self.revoke_timeout.as_millis()));
+        }
+        if self.random_order {
+            out.push(RANDOM_ORDER_RECORD.to_string());
+        }
+        out
     }
 
     pub fn events(&self) -> i64 {
@@ -292,6 +318,17 @@ impl Scenario {
             // Stable sort: simultaneous actions keep their drawing order.
             schedule.sort_by_key(|(t, _)| *t);
         }
+        // The nemesis' switches, each drawn from a hash of its own (the draws
+        // above are unchanged by them). They are faults, so only faulty
+        // seeds get the first two: a fault-free run must not replay anything.
+        let mut switches = SmallRng::seed_from_u64(mix(&[b"switches", &seed.to_le_bytes()]));
+        let self_release = !(faulty && cfg.no_self_release && switches.gen_bool(0.4));
+        let revoke_timeout = if faulty && cfg.short_revoke_timeouts && switches.gen_bool(0.35) {
+            Duration::from_millis(switches.gen_range(5..=60))
+        } else {
+            REVOKE_TIMEOUT
+        };
+        let random_order = cfg.random_order && switches.gen_bool(0.5);
         let bursts: Vec<Duration> = schedule
             .iter()
             .filter(|(_, a)| matches!(a, Action::CloseConsumer(_) | Action::CrashConsumer(_)))
@@ -315,6 +352,9 @@ impl Scenario {
             lanes,
             bursts,
             schedule,
+            self_release,
+            revoke_timeout,
+            random_order,
         }
     }
 }

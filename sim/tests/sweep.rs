@@ -39,6 +39,15 @@ fn seed_sweep() {
     // (and still landed: the checker finds no lost event).
     assert!(counts.duplicates > 0 && counts.sessions_lost > 0 && counts.dead_lettered > 0, "{counts:?}");
     assert!(counts.panics > 0 && counts.dead_letters_refused > 0, "{counts:?}");
+    // The nemesis' switches bite too: with self-release off, stale commits
+    // reach the broker and are fenced (and the checker still finds nothing);
+    // short revoke timeouts fire while handlers run; the bus's backlog and
+    // connection alerts fire on the simulated adapter's lag and link state.
+    let stale: u64 = reports.iter().filter(|r| r.counts.no_self_release > 0).map(|r| r.counts.rejected_commits).sum();
+    assert!(counts.no_self_release > 0 && stale > 0, "no fenced stale commit: {counts:?}");
+    assert!(counts.short_revoke_timeout > 0 && counts.revoke_timeouts > 0, "{counts:?}");
+    assert!(counts.random_order > 0 && counts.random_order < reports.len() as u64, "{counts:?}");
+    assert!(counts.backlog_alerts > 0 && counts.disconnects > 0 && counts.reconnects > 0, "{counts:?}");
 }
 
 #[test]

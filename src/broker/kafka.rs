@@ -163,12 +163,18 @@ pub enum Partitioner {
     /// murmur2 of the key, as the Java client and the memory broker.
     #[default]
     Murmur2Random,
+    /// murmur2 of the key; keyless messages all go to one partition
+    /// (`murmur2_random` spreads them at random).
     Murmur2,
     /// CRC32 of the key, librdkafka's own default.
     ConsistentRandom,
+    /// CRC32 of the key; keyless (and empty-key) messages all go to one partition.
     Consistent,
+    /// FNV-1a of the key (the hash of the Go Sarama client); keyless messages spread at random.
     Fnv1aRandom,
+    /// FNV-1a of the key; keyless messages all go to one partition.
     Fnv1a,
+    /// Any partition, at random (no per-key order: not for keyed events).
     Random,
 }
 
@@ -248,7 +254,7 @@ pub struct KafkaConfig {
     #[serde(with = "crate::config::millis")]
     pub revoke_timeout: Duration,
     /// Messages buffered between the poll thread and the consumer before the
-    /// assigned partitions are paused (see [`KafkaConfig::bounded_by_pool`]).
+    /// assigned partitions are paused (see [`KafkaConfig::bounded`]).
     pub max_buffered: usize,
     /// The largest record payload the sessions copy out of librdkafka. A
     /// larger record is delivered without its payload, marked undeliverable
@@ -338,11 +344,12 @@ const RESERVED: &[(&str, &str)] = &[
 ];
 
 impl KafkaConfig {
-    /// Caps `max_buffered` (the messages read ahead of the consumer) at the
-    /// pool capacity.
+    /// Caps `max_buffered` (the messages read ahead of the consumer) at
+    /// `capacity` (at least 1); pass the bus's `pool.capacity`, so no more
+    /// is read ahead than the pool can hold.
     #[must_use]
-    pub fn bounded_by_pool(mut self, pool: &crate::pool::PoolConfig) -> Self {
-        self.max_buffered = self.max_buffered.min(pool.capacity.max(1));
+    pub fn bounded(mut self, capacity: usize) -> Self {
+        self.max_buffered = self.max_buffered.min(capacity.max(1));
         self
     }
 
@@ -712,7 +719,7 @@ fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
 ///
 /// librdkafka reports `AllBrokersDown` through the error callback when it
 /// lost every broker connection, but reports no recovery; its statistics,
-/// every [`STATISTICS_INTERVAL_MS`], list each broker's state, and one in
+/// every `STATISTICS_INTERVAL_MS`, list each broker's state, and one in
 /// state `UP` means it is back. A session whose poll thread died counts as
 /// a disconnect until that session is closed or dropped (the consumer
 /// rebuilds it), so `health()` is not ready meanwhile.
@@ -958,6 +965,7 @@ impl KafkaBroker {
         Ok(broker)
     }
 
+    /// The configuration it was connected with.
     pub fn config(&self) -> &KafkaConfig {
         &self.inner.config
     }

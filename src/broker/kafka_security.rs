@@ -32,10 +32,13 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 /// SASL mechanisms (`sasl.mechanism`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 pub enum SaslMechanism {
+    /// `plain`: user name and password in clear (use it over TLS only).
     #[serde(rename = "plain", alias = "PLAIN")]
     Plain,
+    /// `scram-sha-256`: salted challenge-response, SHA-256.
     #[serde(rename = "scram-sha-256", alias = "SCRAM-SHA-256")]
     ScramSha256,
+    /// `scram-sha-512`: salted challenge-response, SHA-512.
     #[serde(rename = "scram-sha-512", alias = "SCRAM-SHA-512")]
     ScramSha512,
 }

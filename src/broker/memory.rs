@@ -4,7 +4,9 @@
 //! partitioner would choose (murmur2), unkeyed ones round-robin. Consumer
 //! groups have members that join and leave; every membership change
 //! rebalances with revoke before assign: a partition moves to its new owner
-//! only after the old owner released it (or left). Each group keeps its
+//! only after the old owner released it (or left); the moves are planned by
+//! [`super::plan::plan`] (even per topic, sticky), the planner the
+//! simulator's broker uses too. Each group keeps its
 //! committed offsets, and a new owner resumes from them, so uncommitted work
 //! is redelivered. Everything is deterministic: ordered maps, and no
 //! randomness beyond the configured, seeded publish jitter.
@@ -34,6 +36,7 @@ pub struct MemoryConfig {
     /// Each publish additionally waits up to this long, drawn from `seed`.
     #[serde(with = "crate::config::millis")]
     pub publish_jitter: Duration,
+    /// Seed of the jitter (the same seed, the same delays).
     pub seed: u64,
 }
 
@@ -134,42 +137,12 @@ impl std::fmt::Debug for MemoryBroker {
     }
 }
 
-/// Kafka's murmur2 hash, so keys land on the partitions Kafka's default
-/// partitioner would choose.
-fn murmur2(data: &[u8]) -> u32 {
-    const M: u32 = 0x5bd1_e995;
-    let mut h: u32 = 0x9747_b28c ^ (data.len() as u32);
-    let mut chunks = data.chunks_exact(4);
-    for c in &mut chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> 24;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M) ^ k;
-    }
-    let rest = chunks.remainder();
-    if rest.len() >= 3 {
-        h ^= (rest[2] as u32) << 16;
-    }
-    if rest.len() >= 2 {
-        h ^= (rest[1] as u32) << 8;
-    }
-    if !rest.is_empty() {
-        h ^= rest[0] as u32;
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h
-}
-
-/// The partition Kafka's default partitioner picks for `key`.
-pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
-    (murmur2(key) & 0x7fff_ffff) % partitions
-}
+/// The partition Kafka's default partitioner picks for `key` (the planner's
+/// partitioner, shared with the simulator: [`super::plan::partition_for_key`]).
+pub use super::plan::partition_for_key;
 
 impl MemoryBroker {
+    /// An empty broker with `config`.
     pub fn new(config: MemoryConfig) -> Self {
         let rng = SmallRng::seed_from_u64(config.seed);
         MemoryBroker {
@@ -306,57 +279,36 @@ fn to_delivery(topic: &Arc<str>, partition: u32, offset: u64, m: &Stored, attemp
     }
 }
 
-/// Moves a group toward its target assignment: revokes what must move,
-/// assigns what is free. Called after every membership, topic or release change.
+/// Moves a group toward its target assignment ([`super::plan::plan`]):
+/// revokes what must move, assigns what is free. Called after every
+/// membership, topic or release change.
 fn rebalance(topics: &BTreeMap<String, Vec<Vec<Stored>>>, group: &mut Group) {
-    // Target: each topic's partitions spread over its subscribers in id order.
-    let mut target: BTreeMap<TopicPartition, MemberId> = BTreeMap::new();
-    let mut subscribed: BTreeSet<&String> = BTreeSet::new();
-    for m in group.members.values() {
-        subscribed.extend(m.topics.iter());
+    let plan = super::plan::plan(
+        group.members.iter().map(|(id, m)| (*id, &m.topics)),
+        |t| topics.get(t).map_or(0, |p| p.len() as u32),
+        &group.owner,
+        |id, tp| group.members.get(&id).is_some_and(|m| m.revoking.contains(tp)),
+    );
+    if plan.is_empty() {
+        return;
     }
-    for topic in subscribed {
-        let Some(parts) = topics.get(topic) else { continue };
-        let eligible: Vec<MemberId> =
-            group.members.iter().filter(|(_, m)| m.topics.contains(topic)).map(|(id, _)| *id).collect();
-        let name: Arc<str> = topic.as_str().into();
-        for p in 0..parts.len() {
-            target.insert(TopicPartition { topic: name.clone(), partition: p as u32 }, eligible[p % eligible.len()]);
+    for (id, tps) in plan.revoke {
+        let member = group.members.get_mut(&id).expect("owners are members");
+        for tp in &tps {
+            member.revoking.insert(tp.clone());
+            member.fetch.remove(tp);
         }
+        member.events.push_back(SessionEvent::Revoked(tps));
     }
-    let mut changed = false;
-    // Revoke partitions whose owner is not their target.
-    let mut revokes: BTreeMap<MemberId, Vec<TopicPartition>> = BTreeMap::new();
-    for (tp, owner) in &group.owner {
-        if target.get(tp) != Some(owner) {
-            let member = group.members.get_mut(owner).expect("owners are members");
-            if member.revoking.insert(tp.clone()) {
-                member.fetch.remove(tp);
-                revokes.entry(*owner).or_default().push(tp.clone());
-            }
+    for (id, tps) in plan.assign {
+        let member = group.members.get_mut(&id).expect("targets are members");
+        for tp in &tps {
+            group.owner.insert(tp.clone(), id);
+            member.fetch.insert(tp.clone(), group.committed.get(tp).copied().unwrap_or(0));
         }
+        member.events.push_back(SessionEvent::Assigned(tps));
     }
-    for (id, tps) in revokes {
-        changed = true;
-        group.members.get_mut(&id).expect("member").events.push_back(SessionEvent::Revoked(tps));
-    }
-    // Assign free partitions to their target.
-    let mut assigns: BTreeMap<MemberId, Vec<TopicPartition>> = BTreeMap::new();
-    for (tp, member) in target {
-        if !group.owner.contains_key(&tp) {
-            group.owner.insert(tp.clone(), member);
-            let start = group.committed.get(&tp).copied().unwrap_or(0);
-            group.members.get_mut(&member).expect("member").fetch.insert(tp.clone(), start);
-            assigns.entry(member).or_default().push(tp);
-        }
-    }
-    for (id, tps) in assigns {
-        changed = true;
-        group.members.get_mut(&id).expect("member").events.push_back(SessionEvent::Assigned(tps));
-    }
-    if changed {
-        group.rebalances += 1;
-    }
+    group.rebalances += 1;
 }
 
 fn rebalance_all(st: &mut State) {
@@ -504,7 +456,10 @@ impl MemorySession {
         self.id
     }
 
-    fn with_member<R>(&self, f: impl FnOnce(&mut State, &str, MemberId) -> Result<R, BrokerError>) -> Result<R, BrokerError> {
+    fn with_member<R>(
+        &self,
+        f: impl FnOnce(&mut State, &str, MemberId) -> Result<R, BrokerError>,
+    ) -> Result<R, BrokerError> {
         let mut st = self.broker.shared.lock();
         let present = st.groups.get(&self.group).is_some_and(|g| g.members.contains_key(&self.id));
         if !present {
@@ -650,21 +605,5 @@ impl Session for MemorySession {
 impl Drop for MemorySession {
     fn drop(&mut self) {
         self.leave();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn murmur2_matches_kafka() {
-        // Reference values of Kafka's Utils.murmur2 (org.apache.kafka.common.utils).
-        assert_eq!(murmur2(b"21") as i32, -973932308);
-        assert_eq!(murmur2(b"foobar") as i32, -790332482);
-        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
-        assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
-        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
-        assert_eq!(murmur2(b"abc") as i32, 479470107);
     }
 }

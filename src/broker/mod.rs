@@ -4,6 +4,7 @@
 //! production consumer runs unchanged on all of them.
 
 pub mod memory;
+pub mod plan;
 pub mod secret;
 #[cfg(feature = "nats")] pub mod nats;
 #[cfg(feature = "nats")] pub mod nats_security;
@@ -22,11 +23,14 @@ pub type Headers = Vec<(String, Vec<u8>)>;
 /// and offsets are stream sequences.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TopicPartition {
+    /// The topic.
     pub topic: Arc<str>,
+    /// The partition (0 on NATS).
     pub partition: u32,
 }
 
 impl TopicPartition {
+    /// `topic[partition]`.
     pub fn new(topic: impl Into<Arc<str>>, partition: u32) -> Self {
         TopicPartition { topic: topic.into(), partition }
     }
@@ -41,15 +45,20 @@ impl fmt::Display for TopicPartition {
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outbound {
+    /// The topic (NATS: the stream's subject).
     pub topic: String,
+    /// The message key: picks the partition (Kafka); `None` spreads messages.
     pub key: Option<Vec<u8>>,
+    /// Header name/value pairs, in order.
     pub headers: Headers,
+    /// The message body.
     pub payload: Vec<u8>,
 }
 
 /// Where the broker stored a published message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
+    /// The partition it landed in (0 on NATS).
     pub partition: u32,
     /// Kafka offset or JetStream stream sequence.
     pub offset: u64,
@@ -60,18 +69,26 @@ pub struct Position {
 /// A message as the consumer receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
+    /// The topic it was read from.
     pub topic: Arc<str>,
+    /// The partition it was read from (0 on NATS).
     pub partition: u32,
+    /// Kafka offset or JetStream stream sequence.
     pub offset: u64,
+    /// The message key, as published.
     pub key: Option<Vec<u8>>,
+    /// Header name/value pairs, as published (adapters may add the reserved `x-eventbus-*` ones).
     pub headers: Headers,
+    /// The message body.
     pub payload: Vec<u8>,
+    /// When the broker stored it, if it says.
     pub timestamp: Option<SystemTime>,
     /// 1 on first delivery; higher when the broker knows it redelivers.
     pub attempt: u32,
 }
 
 impl Delivery {
+    /// The topic and partition it was read from.
     pub fn topic_partition(&self) -> TopicPartition {
         TopicPartition { topic: self.topic.clone(), partition: self.partition }
     }
@@ -111,6 +128,36 @@ pub const REASON_UNDECODABLE_HEADERS: &str = "undecodable-headers";
 /// Dead-letter reason: the payload is larger than the adapter copies; the
 /// delivery carries no payload (it stays at the origin position).
 pub const REASON_TOO_LARGE: &str = "too-large";
+/// Dead-letter reason: the bytes are not a valid envelope (`x-dlq-attempts: 0`).
+pub const REASON_DECODE: &str = "decode";
+/// Dead-letter reason: the handler failed (or panicked) on every attempt
+/// (`x-dlq-attempts: <max_attempts>`).
+pub const REASON_HANDLER: &str = "handler";
+/// Dead-letter reason: the handler returned a
+/// [`PayloadError`](crate::envelope::PayloadError), a payload that does not
+/// decode into the handler's type: dead-lettered at once, not retried
+/// (`x-dlq-attempts`: the attempt that returned it, 1 for `subscribe_typed`).
+pub const REASON_PAYLOAD: &str = "payload";
+
+/// Dead-letter header: the error of the last attempt (handler error, decode
+/// error, or what the adapter said about an undeliverable delivery).
+pub const DLQ_ERROR: &str = "x-dlq-error";
+/// Dead-letter header: why the event was dead-lettered: [`REASON_HANDLER`]
+/// (every attempt failed), [`REASON_DECODE`] (not a valid envelope),
+/// [`REASON_PAYLOAD`] (the payload is not the handler's type),
+/// [`REASON_UNDECODABLE_HEADERS`] or [`REASON_TOO_LARGE`].
+pub const DLQ_REASON: &str = "x-dlq-reason";
+/// Dead-letter header: handler attempts made, in decimal (0 when the handler never ran).
+pub const DLQ_ATTEMPTS: &str = "x-dlq-attempts";
+/// Dead-letter header: the topic the event was read from.
+pub const DLQ_ORIGIN_TOPIC: &str = "x-dlq-origin-topic";
+/// Dead-letter header: the partition it was read from, in decimal.
+pub const DLQ_ORIGIN_PARTITION: &str = "x-dlq-origin-partition";
+/// Dead-letter header: its offset (NATS: stream sequence) in that partition, in decimal.
+pub const DLQ_ORIGIN_OFFSET: &str = "x-dlq-origin-offset";
+/// Dead-letter header, set when the broker refused the dead letter with its
+/// payload; the value is the broker's error. The payload stays at the origin position.
+pub const DLQ_PAYLOAD_OMITTED: &str = "x-dlq-payload-omitted";
 
 /// What a consumer session yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,13 +180,16 @@ pub enum SessionEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectionState {
+    /// The client reaches its broker.
     Connected,
+    /// The client has lost its broker (and is reconnecting).
     Disconnected,
 }
 
 /// How far a consumer group is behind one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionLag {
+    /// The partition.
     pub partition: TopicPartition,
     /// The offset the next published message will get (Kafka's high
     /// watermark; JetStream's last sequence + 1).
@@ -176,16 +226,31 @@ pub enum ErrorClass {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerError {
+    /// The broker cannot be reached now; retriable.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The broker did not answer in time; retriable.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The topic does not exist (and the adapter does not create it here).
     #[error("unknown topic {0}")]
     UnknownTopic(String),
+    /// A setting of the adapter is invalid.
     #[error("invalid configuration {key}: {reason}")]
-    Config { key: String, reason: String },
+    Config {
+        /// The setting, dotted (`kafka.session_timeout`).
+        key: String,
+        /// What it must be.
+        reason: String,
+    },
+    /// The broker refused a commit (e.g. the partition is no longer this member's).
     #[error("commit rejected for {partition}: {reason}")]
-    CommitRejected { partition: String, reason: String },
+    CommitRejected {
+        /// The partition, as `topic[partition]`.
+        partition: String,
+        /// What the broker said.
+        reason: String,
+    },
     /// The broker refused the credentials or the operation (authentication
     /// or authorisation).
     #[error("not authorized: {0}")]
@@ -200,6 +265,7 @@ pub enum BrokerError {
     /// The session's client died (e.g. its poll thread); rebuild the session.
     #[error("session failed: {0}")]
     SessionFailed(String),
+    /// The session (or the client) was closed.
     #[error("session closed")]
     Closed,
     /// An error no other variant describes; treated as permanent so nothing
@@ -248,6 +314,7 @@ impl BrokerError {
 
 /// A broker connection: publishes, and opens consumer group sessions.
 pub trait Broker: Send + Sync + 'static {
+    /// The consumer group session [`Broker::subscribe`] opens.
     type Session: Session;
 
     /// Publishes one message and returns once the broker acknowledged it.

@@ -71,7 +71,7 @@ use super::{
     Broker, BrokerError, ConnectionState, Delivery, Headers, Outbound, PartitionLag, Position, Session, SessionEvent,
     TopicPartition,
 };
-use crate::consumer::task_headers::{
+use super::{
     DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED, DLQ_REASON,
 };
 use crate::envelope::{extract_aggregate_id, Envelope, HEADER_AGGREGATE_ID};
@@ -116,8 +116,10 @@ pub enum StreamStrategy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Storage {
+    /// On disk: survives a server restart.
     #[default]
     File,
+    /// In the server's memory: lost when it restarts.
     Memory,
 }
 
@@ -193,8 +195,11 @@ pub struct NatsConfig {
     /// them as the topic. With it, a dead-letter suffix starting with `.`
     /// would fall into the origin stream: use e.g. `-dlq`.
     pub wildcard_subjects: bool,
+    /// Whether the adapter creates or updates a topic's stream.
     pub strategy: StreamStrategy,
+    /// Where created streams keep their messages.
     pub storage: Storage,
+    /// When created streams drop messages.
     pub retention: Retention,
     /// Oldest message kept; 0 = no limit.
     #[serde(with = "crate::config::millis")]
@@ -203,12 +208,16 @@ pub struct NatsConfig {
     pub max_bytes: i64,
     /// Most messages kept; -1 = no limit.
     pub max_msgs: i64,
+    /// Copies of each created stream in a cluster (1 on a single server).
     pub replicas: usize,
+    /// What a full stream does with a new message.
     pub discard: Discard,
     /// De-duplication window of `Nats-Msg-Id`; 0 = the server's (2 min).
     #[serde(with = "crate::config::millis")]
     pub duplicate_window: Duration,
+    /// Which `Nats-Msg-Id` a publish carries (de-duplication of retried publishes).
     pub dedup: Dedup,
+    /// Where a group without a durable starts reading.
     pub start_from: StartFrom,
     /// How long the server waits for an ack before redelivering. Held
     /// messages are progress-acked well within it.
@@ -216,7 +225,7 @@ pub struct NatsConfig {
     pub ack_wait: Duration,
     /// Delivered-but-unacknowledged messages per durable. Every one of them
     /// is held by the session (and usually queued in the pool), so keep it at
-    /// most the pool capacity: see [`NatsConfig::bounded_by_pool`].
+    /// most the pool capacity: see [`NatsConfig::bounded`].
     pub max_ack_pending: i64,
     /// Progress-ack period of held messages; 0 = a third of `ack_wait`.
     #[serde(with = "crate::config::millis")]
@@ -229,6 +238,7 @@ pub struct NatsConfig {
     /// Lifetime of one pull request.
     #[serde(with = "crate::config::millis")]
     pub pull_expires: Duration,
+    /// How long `connect` waits for the first server to answer.
     #[serde(with = "crate::config::millis")]
     pub connect_timeout: Duration,
     /// Bound on JetStream API requests and publish acks.
@@ -289,11 +299,12 @@ fn config_error(key: &str, reason: impl Into<String>) -> BrokerError {
 }
 
 impl NatsConfig {
-    /// Caps `max_ack_pending` (and so the messages a session holds) at the
-    /// pool capacity.
+    /// Caps `max_ack_pending` (and so the messages a session holds) at
+    /// `capacity` (at least 1); pass the bus's `pool.capacity`, so a session
+    /// holds no more than the pool can.
     #[must_use]
-    pub fn bounded_by_pool(mut self, pool: &crate::pool::PoolConfig) -> Self {
-        let cap = i64::try_from(pool.capacity).unwrap_or(i64::MAX).max(1);
+    pub fn bounded(mut self, capacity: usize) -> Self {
+        let cap = i64::try_from(capacity).unwrap_or(i64::MAX).max(1);
         self.max_ack_pending = self.max_ack_pending.min(cap);
         self
     }
@@ -996,6 +1007,7 @@ impl NatsBroker {
         Ok(NatsBroker { inner })
     }
 
+    /// The configuration it was connected with.
     pub fn config(&self) -> &NatsConfig {
         &self.inner.config
     }
@@ -1968,7 +1980,7 @@ impl TopicActor {
         match result {
             Ok(position) => {
                 metrics::counter!(
-                    crate::telemetry::DEAD_LETTERED,
+                    crate::metric_names::DEAD_LETTERED,
                     "topic" => self.topic.to_string(),
                     "reason" => REASON_UNDECODABLE_HEADERS
                 )

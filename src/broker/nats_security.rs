@@ -55,6 +55,7 @@ pub struct NatsSecurity {
     pub token: Option<Secret>,
     /// User name (with `password`).
     pub user: Option<String>,
+    /// Password of `user`.
     pub password: Option<Secret>,
     /// File holding a user NKey seed (`SU...`); the server gets the public
     /// key and a signed nonce, never the seed.
@@ -72,14 +73,20 @@ fn config_error(field: &str, reason: impl Into<String>) -> BrokerError {
 /// The authentication method a [`NatsSecurity`] selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NatsAuth {
+    /// No authentication.
     None,
+    /// A token (`token`).
     Token,
+    /// User name and password (`user`, `password`).
     UserPassword,
+    /// An NKey seed file (`nkey_seed_file`).
     NKey,
+    /// A credentials file (`credentials_file`).
     Credentials,
 }
 
 impl NatsAuth {
+    /// Its name in logs and errors.
     pub fn as_str(self) -> &'static str {
         match self {
             NatsAuth::None => "none",

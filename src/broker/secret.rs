@@ -65,6 +65,7 @@ impl Secret {
         &self.value
     }
 
+    /// Whether the secret is the empty string.
     pub fn is_empty(&self) -> bool {
         self.value.is_empty()
     }

@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
+/// The commit point of one partition: the lowest offset still outstanding
+/// (dispatched and not completed), or one past the highest dispatched.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Frontier {
     /// Dispatched, not yet finished.
@@ -32,6 +34,7 @@ pub struct Frontier {
 }
 
 impl Frontier {
+    /// A partition with nothing dispatched yet.
     pub fn new() -> Self {
         Self::default()
     }
@@ -103,6 +106,7 @@ impl Frontier {
     }
 
     /// Whether an abandoned event holds the frontier back.
+    #[cfg(test)]
     pub fn is_blocked(&self) -> bool {
         self.blocked.is_some()
     }

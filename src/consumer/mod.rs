@@ -5,17 +5,18 @@
 //! pool task keyed by its aggregate ID, so a partition has many events in
 //! flight at once (the seed awaited them one by one) while each aggregate
 //! stays in order. Completions come back over a channel and advance the
-//! partition's [`Frontier`]; only frontiers are committed.
+//! partition's `Frontier` (`frontier.rs`); only frontiers are committed.
 
-pub mod frontier;
+mod frontier;
 mod task;
 
-/// Header names of dead-letter messages, and the `x-dlq-reason` values the
-/// consumer writes (adapters add theirs: `broker::REASON_*`).
+/// Header names of dead-letter messages and the `x-dlq-reason` values
+/// (defined in [`crate::broker`], where the adapters that write dead letters
+/// themselves find them too).
 pub mod task_headers {
-    pub use super::task::{
+    pub use crate::broker::{
         DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED,
-        DLQ_REASON, REASON_DECODE, REASON_HANDLER, REASON_PAYLOAD,
+        DLQ_REASON, REASON_DECODE, REASON_HANDLER, REASON_PAYLOAD, REASON_TOO_LARGE, REASON_UNDECODABLE_HEADERS,
     };
 }
 
@@ -35,7 +36,7 @@ use crate::context::DeliveryContext;
 use crate::envelope::Envelope;
 use crate::pool::{HandlerResult, Outcome, Pool, Rejected, SubmitError};
 use crate::telemetry::{self, ConsumerMetrics, TopicMetrics};
-pub use frontier::Frontier;
+pub(crate) use frontier::Frontier;
 
 /// Handles decoded, validated envelopes of one topic, in aggregate order,
 /// with each attempt's [`DeliveryContext`].
@@ -61,8 +62,10 @@ pub enum Handler {
 pub struct RetryConfig {
     /// Attempts before the event goes to the dead letter (at least 1).
     pub max_attempts: u32,
+    /// Wait after the first failed attempt; doubles after each further one.
     #[serde(with = "crate::config::millis")]
     pub initial_backoff: Duration,
+    /// Cap of the doubling wait.
     #[serde(with = "crate::config::millis")]
     pub max_backoff: Duration,
 }
@@ -93,6 +96,7 @@ pub struct ConsumerConfig {
     /// How long a revoke waits for the partition's running handlers.
     #[serde(with = "crate::config::millis")]
     pub revoke_timeout: Duration,
+    /// Retries of a failing handler, before the dead letter.
     pub retry: RetryConfig,
     /// Dead-letter topic = origin topic + this suffix.
     pub dead_letter_suffix: String,
@@ -119,16 +123,23 @@ impl Default for ConsumerConfig {
 /// Counters of a consumer, readable while it runs.
 #[derive(Debug, Default)]
 pub struct ConsumerStats {
+    /// Deliveries read from the broker and dispatched to the pool.
     pub delivered: AtomicU64,
+    /// Events a handler finished successfully.
     pub handled: AtomicU64,
+    /// Handler attempts repeated after a failure.
     pub retried: AtomicU64,
+    /// Events written to their dead-letter topic.
     pub dead_lettered: AtomicU64,
     /// Broker redeliveries of offsets already dispatched in this assignment.
     pub redelivered_skipped: AtomicU64,
     /// Completions dropped because their partition was revoked meanwhile.
     pub fenced: AtomicU64,
+    /// Commits the broker accepted.
     pub commits: AtomicU64,
+    /// Commits that failed (retried at the next interval).
     pub commit_errors: AtomicU64,
+    /// Assignment changes (assigned, revoked or lost).
     pub rebalances: AtomicU64,
     /// Events whose dead letter the broker does not take yet (a gauge): each
     /// holds its aggregate and its partition's commit. Not ready while > 0.
@@ -167,12 +178,21 @@ pub struct ConsumerReport {
 /// Why the consumer could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
+    /// Joining the consumer group failed.
     #[error("joining the consumer group failed: {0}")]
     Subscribe(BrokerError),
     /// The dead-letter topic of a subscribed topic could not be created (or
     /// its name is one the broker cannot hold).
     #[error("dead-letter topic {dead_letter} of {topic} could not be created: {error}")]
-    DeadLetterTopic { topic: String, dead_letter: String, error: BrokerError },
+    DeadLetterTopic {
+        /// The subscribed topic.
+        topic: String,
+        /// Its dead-letter topic.
+        dead_letter: String,
+        /// Why it could not be created.
+        error: BrokerError,
+    },
+    /// The consumer's task ended abnormally (it panicked or was cancelled).
     #[error("consumer task failed: {0}")]
     Task(String),
 }
@@ -264,6 +284,7 @@ pub struct ConsumerHandle {
 }
 
 impl ConsumerHandle {
+    /// The consumer's counters.
     pub fn stats(&self) -> &Arc<ConsumerStats> {
         &self.stats
     }
@@ -581,6 +602,8 @@ impl<B: Broker> Consumer<B> {
         let deadline = tokio::time::Instant::now() + self.config.revoke_timeout;
         while tps.iter().any(|tp| self.partitions.get(tp).is_some_and(|p| p.frontier.in_flight() > 0)) {
             tokio::select! {
+                // Deterministic: a completion that is ready wins over the deadline.
+                biased;
                 Some(c) = done.recv() => self.on_completion(c),
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(?tps, "revoke timed out waiting for running handlers; their results will be fenced");

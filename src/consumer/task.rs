@@ -13,32 +13,14 @@ use tracing::Instrument;
 
 use super::{ConsumerConfig, ConsumerStats, Handler};
 use crate::broker::{Broker, BrokerError, Delivery, Outbound, REASON_TOO_LARGE, REASON_UNDECODABLE_HEADERS};
+use crate::broker::{
+    DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC, DLQ_PAYLOAD_OMITTED,
+    DLQ_REASON, REASON_DECODE, REASON_HANDLER, REASON_PAYLOAD,
+};
 use crate::context::DeliveryContext;
 use crate::envelope::{aggregate_id_from, Envelope, PayloadError};
 use crate::pool::{panic_message, HandlerPanicked, HandlerResult, Key, Outcome, Step, Task};
 use crate::telemetry::TopicMetrics;
-
-/// Dead-letter headers: why, after how many attempts, and where it came from.
-pub const DLQ_ERROR: &str = "x-dlq-error";
-pub const DLQ_REASON: &str = "x-dlq-reason";
-pub const DLQ_ATTEMPTS: &str = "x-dlq-attempts";
-pub const DLQ_ORIGIN_TOPIC: &str = "x-dlq-origin-topic";
-pub const DLQ_ORIGIN_PARTITION: &str = "x-dlq-origin-partition";
-pub const DLQ_ORIGIN_OFFSET: &str = "x-dlq-origin-offset";
-/// Set when the broker refused the dead letter with its payload; the value
-/// is the broker's error. The payload stays at the origin position.
-pub const DLQ_PAYLOAD_OMITTED: &str = "x-dlq-payload-omitted";
-
-/// `x-dlq-reason` of an event that is not a valid envelope (`x-dlq-attempts: 0`).
-pub const REASON_DECODE: &str = "decode";
-/// `x-dlq-reason` of an event whose handler failed (or panicked) on every
-/// attempt (`x-dlq-attempts: <max_attempts>`).
-pub const REASON_HANDLER: &str = "handler";
-/// `x-dlq-reason` of an event whose handler returned a
-/// [`PayloadError`](crate::envelope::PayloadError) — a payload that does not
-/// decode into the handler's type: dead-lettered at once, not retried
-/// (`x-dlq-attempts`: the attempt that failed, 1 for `subscribe_typed`).
-pub const REASON_PAYLOAD: &str = "payload";
 
 /// The task stopped because its partition was revoked; it did not complete.
 #[derive(Debug, thiserror::Error)]

@@ -119,7 +119,14 @@ impl<K: Hash + Eq + Clone, T> Core<K, T> {
                 used: 0,
                 in_flight: 0,
                 ready: VecDeque::new(),
-                keys: HashMap::default(),
+                // Fixed seeds: the map is iterated (by `abort`), so a per-process
+                // random seed would make equal runs hand work back in different orders.
+                keys: HashMap::with_hasher(ahash::RandomState::with_seeds(
+                    0x243f_6a88_85a3_08d3,
+                    0x1319_8a2e_0370_7344,
+                    0xa409_3822_299f_31d0,
+                    0x082e_fa98_ec4e_6c89,
+                )),
                 closed: false,
                 aborted: false,
                 room_waiters: Waiters::new(),

@@ -7,10 +7,19 @@
 //! messages are bounded by `capacity`; submitters wait for room up to
 //! `wait_timeout`, then get [`SubmitError::QueueFull`].
 //!
-//! [`core`] holds the queues and is model-checked by loom; this module is
+//! `core` holds the queues and is model-checked by loom; this module is
 //! the tokio executor on top of it.
 
+// The loom models (`tests/loom_pool.rs`, feature `loom`) and the property
+// tests (`tests/pool_props.rs`, feature `testing`) drive the core directly;
+// it is not service API.
+#[cfg(any(feature = "loom", feature = "testing"))]
+#[doc(hidden)]
+#[allow(rustdoc::private_intra_doc_links)] // to `crate::sync`, private
 pub mod core;
+#[cfg(not(any(feature = "loom", feature = "testing")))]
+#[allow(dead_code)] // parts only the models and property tests call
+mod core;
 
 use std::any::Any;
 use std::fmt;
@@ -179,7 +188,7 @@ impl Task {
 
 /// What `close` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CloseReport {
+pub struct DrainReport {
     /// Tasks handed back unprocessed because the deadline passed first
     /// (queued ones plus cancelled in-flight ones).
     pub handed_back: usize,
@@ -197,7 +206,7 @@ struct Shared {
     /// The task that moves parked tasks whose time has come to the ready list.
     timer: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// The one close, once started: later and concurrent calls await it.
-    closing: std::sync::Mutex<Option<SharedFuture<BoxFuture<'static, CloseReport>>>>,
+    closing: std::sync::Mutex<Option<SharedFuture<BoxFuture<'static, DrainReport>>>>,
 }
 
 /// The global keyed worker pool. Cloning shares the same pool.
@@ -307,7 +316,7 @@ impl Pool {
     /// The drain runs in a task of its own, so it finishes even if this
     /// future is dropped midway; every call (concurrent or later) waits for
     /// that one drain and gets its report. The first call's deadline counts.
-    pub async fn close(&self, deadline: Option<Duration>) -> CloseReport {
+    pub async fn close(&self, deadline: Option<Duration>) -> DrainReport {
         let closing = {
             let mut slot = self.shared.closing.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert_with(|| {
@@ -329,7 +338,7 @@ impl Pool {
                         Ok(report) => report,
                         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                         // Cancelled: the runtime is shutting down and took the workers with it.
-                        Err(_) => CloseReport { handed_back: 0, timed_out: true },
+                        Err(_) => DrainReport { handed_back: 0, timed_out: true },
                     }
                 }
                 .boxed()
@@ -349,8 +358,8 @@ async fn drain(
     mut workers: Vec<JoinHandle<()>>,
     timer: Option<JoinHandle<()>>,
     deadline: Option<Duration>,
-) -> CloseReport {
-    let mut report = CloseReport::default();
+) -> DrainReport {
+    let mut report = DrainReport::default();
     // Handles joined so far: a JoinHandle must not be awaited again
     // after it completed, so the abort path only joins the rest.
     let mut joined = 0;

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eventbus::checker::{OrderChecker, OrderReport};
+use eventbus::testing::{OrderChecker, OrderReport};
 use eventbus::{Broker, Envelope, EventBus, Position};
 use tokio::sync::mpsc;
 

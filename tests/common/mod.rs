@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus::checker::OrderChecker;
+use eventbus::testing::OrderChecker;
 use eventbus::{BusConfig, Envelope, EventBus, MemoryBroker};
 use tokio::sync::Notify;
 

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eventbus::bus::BusConfig;
-use eventbus::checker::OrderChecker;
 use eventbus::consumer::ConsumerConfig;
 use eventbus::pool::{HandlerResult, PoolConfig};
+use eventbus::testing::OrderChecker;
 use eventbus::{Broker, Delivery, Envelope, EventBus, Outbound, Position, TopicPartition};
 use tokio::sync::{mpsc, watch};
 

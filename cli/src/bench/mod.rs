@@ -178,7 +178,7 @@ async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::Pool
                 max_buffered: args.read_ahead.max(1),
                 ..KafkaConfig::default()
             }
-            .bounded_by_pool(pool);
+            .bounded(pool.capacity);
             if !args.kafka_batching {
                 config.producer_properties.insert("batch.num.messages".into(), "1".into());
             }
@@ -200,7 +200,7 @@ async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::Pool
                 max_ack_pending: i64::try_from(args.read_ahead.max(1)).unwrap_or(i64::MAX),
                 ..NatsConfig::default()
             }
-            .bounded_by_pool(pool);
+            .bounded(pool.capacity);
             match tokio::time::timeout(timeout + Duration::from_secs(1), NatsBroker::connect(config)).await {
                 Ok(Ok(broker)) => Ok(Target::Nats { broker, address }),
                 Ok(Err(e)) => Err(unreachable(&address, e.to_string())),

@@ -21,6 +21,7 @@ use rdkafka::bindings as rdsys;
 /// One header as the producer wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawHeader {
+    /// The header name's bytes (not necessarily UTF-8).
     pub name: Vec<u8>,
     /// `None`: a null value.
     pub value: Option<Vec<u8>>,

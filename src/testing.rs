@@ -1,7 +1,8 @@
-//! The order checker of the crate's tests and of `eventbus demo` / `eventbus
-//! bench` (the `eventbus-cli` crate). Test support, not service API: it
-//! exists only with the `testing` feature. (The simulator in `sim/` has its
-//! own checker, over its recorded history.)
+//! Test support, not service API (feature `testing`): [`OrderChecker`], the
+//! per-aggregate order checker of the crate's tests and of `eventbus demo` /
+//! `eventbus bench` (the `eventbus-cli` crate), for users' tests of their
+//! handlers too. The simulator in `sim/` does not use it: it has its own
+//! checker (`sim/src/verdict.rs`), over the history it records.
 //!
 //! Every read and update of an aggregate's state happens under one lock in
 //! one call, so the checker cannot invent violations the way the seed's
@@ -23,6 +24,7 @@ struct Aggregate {
 /// Counts of a checked history.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrderReport {
+    /// Aggregates seen.
     pub aggregates: usize,
     /// Distinct (aggregate, version) pairs that completed.
     pub handled: u64,
@@ -38,6 +40,7 @@ pub struct OrderReport {
 }
 
 impl OrderReport {
+    /// No violation and nothing missing (duplicates are allowed: delivery is at least once).
     pub fn is_clean(&self) -> bool {
         self.violations == 0 && self.missing == 0
     }
@@ -50,6 +53,7 @@ pub struct OrderChecker {
 }
 
 impl OrderChecker {
+    /// An empty history.
     pub fn new() -> Self {
         Self::default()
     }

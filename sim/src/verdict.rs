@@ -19,6 +19,8 @@
 //! - **dead-letter**: only events whose handler fails for good are
 //!   dead-lettered, after `max_attempts`, with headers naming their origin.
 //! - **close**: after `bus.close()`, no task of the bus or session is alive.
+//! - **alerts**: the bus's backlog alerts of one source start and recover in
+//!   turn, and its connection alerts drop and return in turn.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -80,6 +82,10 @@ struct State {
     per_assignment: BTreeMap<(String, EventId), (u64, u32)>,
     /// Every offset below this was complete at an accepted commit.
     verified: BTreeMap<Tp, u64>,
+    /// Backlogs started and not recovered, per (incarnation, source).
+    backlogged: BTreeSet<(String, String)>,
+    /// Incarnations whose bus said the connection dropped and not yet back.
+    disconnected: BTreeSet<String>,
 }
 
 pub fn check(records: &[Record], ctx: &CheckContext<'_>) -> Vec<Violation> {
@@ -299,6 +305,21 @@ pub fn check(records: &[Record], ctx: &CheckContext<'_>) -> Vec<Violation> {
                 // A failed final commit is the network's doing; a failed consumer task is ours.
                 if let Some(e) = final_commit_error.as_ref().filter(|e| e.contains("consumer task failed")) {
                     v("close", format!("bus.close() on {inc}: {e}"), at, vec![inc.clone()]);
+                }
+            }
+            Event::Backlog { inc, source, started, value } => {
+                let key = (inc.clone(), source.clone());
+                let ok = if *started { st.backlogged.insert(key) } else { st.backlogged.remove(&key) };
+                if !ok {
+                    let what = if *started { "started while already backlogged" } else { "recovered without a start" };
+                    v("alerts", format!("{inc}: {source} backlog {what} (value {value})"), at, vec![inc.clone()]);
+                }
+            }
+            Event::Connection { inc, up } => {
+                let ok = if *up { st.disconnected.remove(inc) } else { st.disconnected.insert(inc.clone()) };
+                if !ok {
+                    let what = if *up { "reconnected without a disconnection" } else { "disconnected twice" };
+                    v("alerts", format!("{inc}: connection {what}"), at, vec![inc.clone()]);
                 }
             }
             Event::Panic { message } => {

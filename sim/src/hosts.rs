@@ -8,9 +8,12 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eventbus::backlog::{BacklogEvent, BacklogThreshold};
 use eventbus::bus::BusConfig;
 use eventbus::consumer::{ConsumerConfig, RetryConfig};
+use eventbus::observer::{BacklogConfig, ObservabilityConfig};
 use eventbus::pool::{HandlerError, PoolConfig};
+use eventbus::ConnectionEvent;
 use eventbus::{Envelope, EventBus};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -69,14 +72,20 @@ impl World {
 }
 
 /// The bus configuration of the consumers: a small pool, so back-pressure
-/// and queued work are part of every run.
-pub fn consumer_bus_config(max_attempts: u32, close_timeout: Option<Duration>) -> BusConfig {
+/// and queued work are part of every run; the observer samples the pool and
+/// the group's lag often, with low thresholds, so backlog alerts fire.
+pub fn consumer_bus_config(max_attempts: u32, close_timeout: Option<Duration>, revoke_timeout: Duration) -> BusConfig {
+    let threshold = |threshold| BacklogThreshold {
+        threshold,
+        for_duration: Duration::from_millis(200),
+        recover_for: Duration::ZERO,
+    };
     BusConfig {
         pool: PoolConfig { concurrency: 3, capacity: 16, wait_timeout: Duration::from_millis(500) },
         consumer: ConsumerConfig {
             group: GROUP.into(),
             commit_interval: Duration::from_millis(100),
-            revoke_timeout: Duration::from_secs(2),
+            revoke_timeout,
             retry: RetryConfig {
                 max_attempts,
                 initial_backoff: Duration::from_millis(10),
@@ -89,6 +98,11 @@ pub fn consumer_bus_config(max_attempts: u32, close_timeout: Option<Duration>) -
             create_dead_letter_topics: false,
         },
         close_timeout,
+        observability: ObservabilityConfig {
+            observe_interval: Duration::from_millis(100),
+            backlog: BacklogConfig { pool: Some(threshold(8)), consumer_lag: Some(threshold(40)) },
+            ..ObservabilityConfig::default()
+        },
         ..BusConfig::default()
     }
 }
@@ -215,7 +229,23 @@ pub async fn consumer_host(world: Arc<World>, i: usize) -> turmoil::Result {
     let inc: Arc<str> = format!("c{i}.{n}").into();
     world.history.record(Event::Started { inc: inc.to_string() });
     let broker = SimBroker::new(world.client.clone(), inc.to_string(), world.history.clone(), None);
-    let bus = EventBus::builder(broker).config(world.bus.clone()).build()?;
+    let (backlog, connection) = (world.history.clone(), world.history.clone());
+    let (backlog_inc, connection_inc) = (inc.to_string(), inc.to_string());
+    let bus = EventBus::builder(broker)
+        .config(world.bus.clone())
+        .on_backlog(move |e| {
+            let (started, source, value) = match *e {
+                BacklogEvent::Started { source, value, .. } => (true, source, value),
+                BacklogEvent::Recovered { source, value, .. } => (false, source, value),
+            };
+            let source = source.as_str().to_string();
+            backlog.record(Event::Backlog { inc: backlog_inc.clone(), source, started, value });
+        })
+        .on_connection(move |e| {
+            let up = matches!(e, ConnectionEvent::Reconnected { .. });
+            connection.record(Event::Connection { inc: connection_inc.clone(), up });
+        })
+        .build()?;
     quiet_planned_panics();
     let ctx = HandlerCtx {
         inc: inc.clone(),
