@@ -468,7 +468,11 @@ fn build_go() -> Result<PathBuf, String> {
         .output()
         .map_err(|e| format!("running `{go} build`: {e}"))?;
     if !build.status.success() {
-        return Err(format!("`{go} build` in {} failed: {}", src.display(), String::from_utf8_lossy(&build.stderr).trim()));
+        return Err(format!(
+            "`{go} build` in {} failed: {}",
+            src.display(),
+            String::from_utf8_lossy(&build.stderr).trim()
+        ));
     }
     eprintln!("built {} with {}", out.display(), String::from_utf8_lossy(&version.stdout).trim());
     Ok(out)
@@ -499,7 +503,9 @@ fn mem_total() -> String {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map(|kib| format!("{:.1} GiB", kib as f64 / (1024.0 * 1024.0)))
         .unwrap_or_else(|| "unknown".into())
@@ -568,7 +574,8 @@ impl Clock {
 
     /// Ends the region; every one of the `n` events must have been handled.
     fn stop(self, n: usize) -> Sample {
-        let sample = Sample { wall: self.wall.elapsed(), cpu: cpu_time().saturating_sub(self.cpu), handler: handler_mean() };
+        let sample =
+            Sample { wall: self.wall.elapsed(), cpu: cpu_time().saturating_sub(self.cpu), handler: handler_mean() };
         assert_eq!(HANDLED.load(Relaxed), n, "events lost or handled twice");
         sample
     }
@@ -681,7 +688,10 @@ impl Scenario {
                     // Judged on the lower of the raw and the normalised ratio.
                     let judged = normalised.map_or(r, |nr| nr.min(r));
                     let verdict = if judged >= goal { "met" } else { "MISSED" };
-                    verdicts.push(format!("{}: ours ÷ {} = {judged:.2}× (goal ≥ {goal}×): {verdict}", self.name, b.side.name));
+                    verdicts.push(format!(
+                        "{}: ours ÷ {} = {judged:.2}× (goal ≥ {goal}×): {verdict}",
+                        self.name, b.side.name
+                    ));
                     format!("≥ {goal}× {verdict}")
                 }
                 _ => String::new(),
@@ -745,14 +755,21 @@ fn main() {
         };
         match &go {
             Some(Ok(bin)) => {
-                let (bin, args) = (bin.clone(), vec!["-mode=flood".into(), format!("-events={n}"), format!("-keys={k}")]);
-                s.baselines.push(Baseline { side: Side::new("seed's pool in Go", move || go_run(&bin, &args)), goal: Some(1.0) });
+                let (bin, args) =
+                    (bin.clone(), vec!["-mode=flood".into(), format!("-events={n}"), format!("-keys={k}")]);
+                s.baselines.push(Baseline {
+                    side: Side::new("seed's pool in Go", move || go_run(&bin, &args)),
+                    goal: Some(1.0),
+                });
             }
             Some(Err(_)) => s.missing.push("seed's pool in Go (no Go, see above)".into()),
             None => {}
         }
         if with_rust {
-            s.baselines.push(Baseline { side: Side::new("seed's pool rebuilt in Rust", move || rust_seed_flood(n, k)), goal: None });
+            s.baselines.push(Baseline {
+                side: Side::new("seed's pool rebuilt in Rust", move || rust_seed_flood(n, k)),
+                goal: None,
+            });
         }
         scenarios.push(s);
     }
@@ -792,7 +809,9 @@ fn main() {
                 });
                 let (b2, a2) = (bin.clone(), args(false));
                 s.baselines.push(Baseline {
-                    side: Side::new("seed's pool in Go fed without waiting (not its consumer)", move || go_run(&b2, &a2)),
+                    side: Side::new("seed's pool in Go fed without waiting (not its consumer)", move || {
+                        go_run(&b2, &a2)
+                    }),
                     goal: None,
                 });
             }

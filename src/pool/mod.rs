@@ -688,7 +688,8 @@ async fn worker(core: Arc<Core<Key, Task>>, parked: Arc<Parked>) {
     while let Some(work) = next {
         let (Work::Resumed(task) | Work::New(task)) = work;
         let Task { key, work, reply } = task;
-        let span = tracing::debug_span!("pool.handle", key = key.as_deref().unwrap_or(""), outcome = tracing::field::Empty);
+        let span =
+            tracing::debug_span!("pool.handle", key = key.as_deref().unwrap_or(""), outcome = tracing::field::Empty);
         let mut run = std::pin::pin!(AssertUnwindSafe(work).catch_unwind().instrument(span.clone()));
         let step = match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
             Poll::Ready(step) => step,
