@@ -39,7 +39,9 @@ pub enum BatchRefused {
 /// A message taken by a worker. Report it with [`Core::complete`].
 #[derive(Debug)]
 pub struct Job<K, T> {
+    /// The message's key (`None`: unkeyed).
     pub key: Option<K>,
+    /// The message.
     pub msg: T,
 }
 
@@ -454,10 +456,12 @@ impl<K: Hash + Eq + Clone, T> Core<K, T> {
         handed_back
     }
 
+    /// Whether `close` (or `abort`) was called.
     pub fn is_closed(&self) -> bool {
         lock(&self.state).closed
     }
 
+    /// The counters right now.
     pub fn stats(&self) -> Stats {
         let st = lock(&self.state);
         Stats {

@@ -7,6 +7,18 @@
 //! messages are bounded by `capacity`; submitters wait for room up to
 //! `wait_timeout`, then get [`SubmitError::QueueFull`].
 //!
+//! A batch of tasks can be submitted under one lock ([`Pool::submit_many`]).
+//! A worker takes ready tasks in batches too: one at first, doubling up to
+//! 32 while its tasks finish without waiting, and it reports the tasks it
+//! finished with its next take. So for a moment a finished task can still
+//! count as in flight, and a task taken ahead of running as in flight too.
+//! As soon as one of its tasks waits (or a parked task is due), the worker
+//! reports what finished and gives back what it took ahead, so no task waits
+//! behind another key's handler. A handler that blocks its thread without
+//! waiting (CPU-bound work in an async handler) still holds the tasks its
+//! worker took ahead until it returns: run such work on
+//! `tokio::task::spawn_blocking`.
+//!
 //! [`core`] holds the queues and is model-checked by loom; this module is
 //! the tokio executor on top of it.
 
@@ -51,6 +63,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether the handler ran and succeeded.
     pub fn is_ok(&self) -> bool {
         matches!(self, Outcome::Done(Ok(())))
     }
@@ -64,8 +77,15 @@ pub struct HandlerPanicked(pub String);
 /// Why a submit was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
+    /// No room within the wait: the capacity was reached.
     #[error("pool queue full: {capacity} messages queued or in flight, no room within {waited:?}")]
-    QueueFull { capacity: usize, waited: Duration },
+    QueueFull {
+        /// The pool's capacity (queued plus in-flight tasks).
+        capacity: usize,
+        /// How long the submit waited for room.
+        waited: Duration,
+    },
+    /// The pool was closed: it takes no more tasks.
     #[error("pool closed")]
     Closed,
 }
@@ -73,7 +93,9 @@ pub enum SubmitError {
 /// A refused task, handed back so the caller may retry or drop it (dropping
 /// it reports [`Outcome::NotProcessed`] to its reply).
 pub struct Rejected {
+    /// Why the task was refused.
     pub error: SubmitError,
+    /// The task, untouched.
     pub task: Task,
 }
 
@@ -149,7 +171,12 @@ pub enum Step {
     /// freed meanwhile; the key stays held (later tasks of the key wait) and
     /// the task still counts against the capacity. When the time comes, the
     /// continuation runs on the next free worker, before any new task.
-    Park { until: tokio::time::Instant, then: BoxFuture<'static, Step> },
+    Park {
+        /// When the task goes on.
+        until: tokio::time::Instant,
+        /// What it goes on with.
+        then: BoxFuture<'static, Step>,
+    },
 }
 
 impl fmt::Debug for Step {
@@ -191,6 +218,7 @@ impl Task {
         Task { key, work: work.boxed(), reply: Reply(Some(Box::new(reply))) }
     }
 
+    /// The key the task is ordered by (`None`: unkeyed).
     pub fn key(&self) -> Option<&Key> {
         self.key.as_ref()
     }
@@ -254,6 +282,7 @@ impl Pool {
         Pool { shared }
     }
 
+    /// The settings the pool was built with.
     pub fn config(&self) -> &PoolConfig {
         &self.shared.config
     }
@@ -368,6 +397,9 @@ impl Pool {
         Ok(rx.await.unwrap_or(Outcome::NotProcessed))
     }
 
+    /// Queued, in-flight and active-key counts right now. A task taken by a
+    /// worker ahead of running it, or finished and not yet reported by its
+    /// worker (see the module documentation), counts as in flight.
     pub fn stats(&self) -> Stats {
         self.shared.core.stats()
     }
@@ -378,6 +410,7 @@ impl Pool {
         self.shared.parked.len()
     }
 
+    /// Whether `close` was called.
     pub fn is_closed(&self) -> bool {
         self.shared.core.is_closed()
     }
