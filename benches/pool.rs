@@ -456,11 +456,13 @@ fn build_go() -> Result<PathBuf, String> {
     }
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/seedpool");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("seedpool");
-    let build = Command::new(&go)
-        .args(["build", "-o"])
-        .arg(&out)
-        .arg(".")
-        .current_dir(&src)
+    let mut build = Command::new(&go);
+    build.args(["build", "-o"]).arg(&out).arg(".").current_dir(&src);
+    if std::env::var_os("GOCACHE").is_none() && std::env::var_os("HOME").is_none() {
+        // Go needs a build cache; without $HOME it has no default.
+        build.env("GOCACHE", Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-build-cache"));
+    }
+    let build = build
         // Standard library only: never reach for a module proxy or another toolchain.
         .env("GOPROXY", "off")
         .env("GOFLAGS", "-mod=mod")
