@@ -88,9 +88,6 @@
 #![warn(missing_docs)]
 
 mod sync;
-// The pool's remaining doc comments come with the pool rewrite (branch
-// `pool`); drop this `allow` when it is merged.
-#[allow(missing_docs)]
 pub mod pool;
 pub mod envelope;
 pub mod context;

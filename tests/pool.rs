@@ -298,12 +298,8 @@ fn at_most_one_in_flight_per_key() {
         let replies = Arc::new(Replies::default());
         for i in 0..KEYS * PER_KEY {
             let k = i % KEYS;
-            let (in_flight, total_in_flight, max_total, violations) = (
-                Arc::clone(&in_flight),
-                Arc::clone(&total_in_flight),
-                Arc::clone(&max_total),
-                Arc::clone(&violations),
-            );
+            let (in_flight, total_in_flight, max_total, violations) =
+                (Arc::clone(&in_flight), Arc::clone(&total_in_flight), Arc::clone(&max_total), Arc::clone(&violations));
             let work = async move {
                 if in_flight[k].fetch_add(1, SeqCst) != 0 {
                     violations.fetch_add(1, SeqCst);
@@ -381,6 +377,82 @@ fn capacity_bounds_queued_plus_in_flight() {
             assert_eq!(replies.only(i), "ok");
         }
         assert_eq!(pool.close(None).await, DrainReport::default());
+        drop(pool);
+        assert_no_tasks_alive().await;
+    });
+}
+
+/// A batch is accepted in order as far as there is room: `try_submit_many`
+/// hands back the rest, in order, with `QueueFull`; `submit_many_timeout`
+/// waits for room and hands back what still did not fit; `submit_many_wait`
+/// takes the rest as room frees; after close the whole batch comes back with
+/// `Closed`. Every task is replied to once, and one key's tasks run in batch
+/// order.
+#[test]
+fn submit_many_accepts_in_order_and_hands_back_the_rest() {
+    multi_thread_runtime().block_on(async {
+        let pool = Pool::new(config(2, 4));
+        let gate = Arc::new(Semaphore::new(0));
+        let replies = Arc::new(Replies::default());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let held = |i: usize| {
+            let (gate, order) = (Arc::clone(&gate), Arc::clone(&order));
+            let work = async move {
+                gate.acquire().await.unwrap().forget();
+                order.lock().unwrap().push(i);
+                Ok(())
+            };
+            // Two keys: even and odd indexes.
+            Task::new(key(format!("k{}", i % 2)), work, replies.reply(i))
+        };
+        let keys_of = |tasks: &[Task]| -> Vec<String> {
+            tasks.iter().map(|t| t.key().map(|k| k.to_string()).unwrap_or_default()).collect()
+        };
+
+        let Err(rejected) = pool.try_submit_many((0..6).map(held).collect()) else {
+            panic!("6 tasks accepted with capacity 4");
+        };
+        assert_eq!(rejected.error, SubmitError::QueueFull { capacity: 4, waited: Duration::ZERO });
+        assert_eq!(keys_of(&rejected.tasks), ["k0", "k1"], "tasks 4 and 5 handed back, in order");
+        let s = pool.stats();
+        assert_eq!(s.queued + s.in_flight, 4, "{s:?}");
+
+        let Err(again) = pool.submit_many_timeout(rejected.tasks, Duration::from_millis(50)).await else {
+            panic!("accepted beyond capacity");
+        };
+        assert_eq!(again.error, SubmitError::QueueFull { capacity: 4, waited: Duration::from_millis(50) });
+        assert_eq!(again.tasks.len(), 2);
+        assert_eq!(replies.total(), 0, "handed-back tasks are not replied to while held");
+
+        // Waits for room: accepted as the held handlers finish.
+        let waiting = {
+            let pool = pool.clone();
+            let mut tasks = again.tasks;
+            tasks.push(held(6));
+            tokio::spawn(async move { pool.submit_many_wait(tasks).await.map_err(|r| r.error) })
+        };
+        gate.add_permits(100);
+        tokio::time::timeout(HANG_GUARD, waiting).await.expect("submit_many_wait never accepted").unwrap().unwrap();
+        replies.wait_for(7).await;
+        for i in 0..7 {
+            assert_eq!(replies.only(i), "ok");
+        }
+        let order = order.lock().unwrap().clone();
+        for k in 0..2 {
+            let of_key: Vec<usize> = order.iter().copied().filter(|i| i % 2 == k).collect();
+            let mut sorted = of_key.clone();
+            sorted.sort();
+            assert_eq!(of_key, sorted, "key k{k} ran out of batch order: {order:?}");
+        }
+
+        assert_eq!(pool.close(None).await, DrainReport::default());
+        let Err(closed) = pool.submit_many((7..9).map(held).collect()).await else {
+            panic!("a closed pool accepted a batch");
+        };
+        assert_eq!((&closed.error, closed.tasks.len()), (&SubmitError::Closed, 2));
+        drop(closed);
+        replies.wait_for(9).await;
+        assert_eq!((replies.only(7), replies.only(8)), ("not processed".into(), "not processed".into()));
         drop(pool);
         assert_no_tasks_alive().await;
     });
@@ -602,7 +674,10 @@ fn close_with_deadline_hands_back_stuck_and_queued() {
         for i in 5..next {
             assert_eq!(replies.only(i), "not processed", "task {i}");
         }
-        assert!(matches!(pool.try_submit(ok_task(None, &replies, 999)), Err(Rejected { error: SubmitError::Closed, .. })));
+        assert!(matches!(
+            pool.try_submit(ok_task(None, &replies, 999)),
+            Err(Rejected { error: SubmitError::Closed, .. })
+        ));
         drop(pool);
         assert_no_tasks_alive().await;
     });

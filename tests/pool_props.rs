@@ -2,11 +2,13 @@
 //! Property tests of the keyed pool against a sequential reference model.
 //!
 //! 1. `core_matches_reference_model` drives `pool::core::Core` directly
-//!    (deterministic, single-threaded) with random operation sequences and
-//!    compares every answer with a model of per-key FIFO queues, an in-flight
-//!    set and a capacity.
+//!    (deterministic, single-threaded) with random operation sequences —
+//!    single and batched submits, single and batched takes, giving back what
+//!    was taken ahead — and compares every answer with a model of per-key
+//!    FIFO queues, an in-flight set and a capacity.
 //! 2. `executor_replies_once_in_key_order` runs random task sequences through
-//!    a real `Pool` on a current-thread runtime and closes it.
+//!    a real `Pool` on a current-thread runtime (submitted one by one or in
+//!    batches with `submit_many_wait`) and closes it.
 //!
 //! Runs are deterministic: a fixed RNG seed and case count, both overridable
 //! with `PROPTEST_RNG_SEED` and `PROPTEST_CASES` (e.g. `PROPTEST_CASES=20000`
@@ -17,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use eventbus::pool::core::{Core, Refused, Stats};
+use eventbus::pool::core::{BatchRefused, Core, Refused, Stats};
 use eventbus::pool::{DrainReport, HandlerPanicked, Key, Outcome, Pool, PoolConfig, Task};
 use futures::FutureExt;
 use proptest::prelude::*;
@@ -45,14 +47,27 @@ enum Op {
     Complete(usize),
     Close,
     Abort,
+    /// `try_submit_many` of these keys, in order.
+    SubmitMany(Vec<Option<K>>),
+    /// A worker takes up to this many ready messages under one lock
+    /// (`complete_and_take_many`), as a batch taken ahead, not started.
+    TakeMany(usize),
+    /// The worker starts the messages it took ahead.
+    StartAhead,
+    /// The worker gives back the messages it took ahead (`complete_and_give_back`).
+    GiveBack,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let key = prop_oneof![1 => Just(None), 4 => (0u8..4).prop_map(Some)];
     prop_oneof![
-        10 => key.prop_map(Op::Submit),
+        10 => key.clone().prop_map(Op::Submit),
         7 => Just(Op::Start),
         7 => any::<usize>().prop_map(Op::Complete),
+        3 => prop::collection::vec(key, 0..6).prop_map(Op::SubmitMany),
+        3 => (1usize..5).prop_map(Op::TakeMany),
+        2 => Just(Op::StartAhead),
+        2 => Just(Op::GiveBack),
     ]
 }
 
@@ -76,6 +91,7 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 struct Model {
     capacity: usize,
     closed: bool,
+    aborted: bool,
     /// Accepted, not yet started, per key in submission order.
     queued: BTreeMap<Option<K>, VecDeque<u32>>,
     in_flight: Vec<(Option<K>, u32)>,
@@ -94,6 +110,19 @@ impl Model {
         k.is_some() && self.in_flight.iter().any(|(f, _)| f == k)
     }
 
+    /// How many messages may start now (what the core's ready queue holds):
+    /// every unkeyed one, and the head of each key with nothing in flight.
+    fn ready_count(&self) -> usize {
+        self.queued
+            .iter()
+            .map(|(k, q)| match k {
+                None => q.len(),
+                Some(_) if !q.is_empty() && !self.key_in_flight(k) => 1,
+                Some(_) => 0,
+            })
+            .sum()
+    }
+
     /// Whether some message may start now: an unkeyed one, or the head of a
     /// key that has nothing in flight.
     fn startable(&self) -> bool {
@@ -103,7 +132,12 @@ impl Model {
     fn stats(&self) -> Stats {
         let mut keys: HashSet<K> = self.in_flight.iter().filter_map(|(k, _)| *k).collect();
         keys.extend(self.queued.iter().filter(|(_, q)| !q.is_empty()).filter_map(|(k, _)| *k));
-        Stats { queued: self.queued_len(), in_flight: self.in_flight.len(), capacity: self.capacity, active_keys: keys.len() }
+        Stats {
+            queued: self.queued_len(),
+            in_flight: self.in_flight.len(),
+            capacity: self.capacity,
+            active_keys: keys.len(),
+        }
     }
 }
 
@@ -123,6 +157,9 @@ struct Harness {
     ledger: Ledger,
     workers: usize,
     next_msg: u32,
+    /// Taken by `TakeMany` and not started: in flight for the core and the
+    /// model, not yet in the ledger.
+    ahead: VecDeque<eventbus::pool::core::Job<K, u32>>,
 }
 
 impl Harness {
@@ -133,6 +170,7 @@ impl Harness {
             ledger: Ledger::default(),
             workers,
             next_msg: 0,
+            ahead: VecDeque::new(),
         }
     }
 
@@ -161,35 +199,134 @@ impl Harness {
             prop_assert!(!startable, "try_next returned nothing though a message may start: {:?}", self.model);
             return Ok(());
         };
-        prop_assert!(startable, "try_next returned {:?} though nothing may start: {:?}", (job.key, job.msg), self.model);
-        prop_assert!(!self.model.key_in_flight(&job.key), "try_next returned key {:?} which is in flight", job.key);
-        let queue = self.model.queued.get_mut(&job.key);
+        self.took(job.key, job.msg)?;
+        self.started(job.key, job.msg);
+        Ok(())
+    }
+
+    /// Checks a message the core handed to a worker and marks it in flight.
+    fn took(&mut self, key: Option<K>, msg: u32) -> Result<(), TestCaseError> {
+        prop_assert!(
+            self.model.startable(),
+            "core handed out {:?} though nothing may start: {:?}",
+            (key, msg),
+            self.model
+        );
+        prop_assert!(!self.model.key_in_flight(&key), "core handed out key {:?} which is in flight", key);
+        let queue = self.model.queued.get_mut(&key);
         let head = queue.and_then(|q| {
-            if job.key.is_some() {
+            if key.is_some() {
                 // Keyed: exactly the head of its key's FIFO.
-                if q.front() == Some(&job.msg) {
+                if q.front() == Some(&msg) {
                     q.pop_front()
                 } else {
                     None
                 }
             } else {
                 // Unkeyed messages carry no order promise: any queued one.
-                let pos = q.iter().position(|m| *m == job.msg)?;
+                let pos = q.iter().position(|m| *m == msg)?;
                 q.remove(pos)
             }
         });
-        prop_assert_eq!(head, Some(job.msg), "key {:?} started out of submission order: {:?}", job.key, self.model);
-        self.model.in_flight.push((job.key, job.msg));
-        *self.ledger.started.entry(job.msg).or_default() += 1;
-        self.ledger.start_order.entry(job.key).or_default().push(job.msg);
+        prop_assert_eq!(head, Some(msg), "key {:?} started out of submission order: {:?}", key, self.model);
+        self.model.in_flight.push((key, msg));
+        Ok(())
+    }
+
+    fn started(&mut self, key: Option<K>, msg: u32) {
+        *self.ledger.started.entry(msg).or_default() += 1;
+        self.ledger.start_order.entry(key).or_default().push(msg);
+    }
+
+    fn submit_many(&mut self, keys: &[Option<K>]) -> Result<(), TestCaseError> {
+        let mut batch: VecDeque<(Option<K>, u32)> = keys
+            .iter()
+            .map(|k| {
+                self.next_msg += 1;
+                (*k, self.next_msg - 1)
+            })
+            .collect();
+        let all = batch.clone();
+        let got = self.core.try_submit_many(&mut batch);
+        if self.model.closed {
+            prop_assert_eq!(got, Err(BatchRefused::Closed), "submit after close must be refused Closed");
+            prop_assert_eq!(batch, all, "a refused batch is handed back whole");
+            return Ok(());
+        }
+        let room = self.model.capacity - self.model.used();
+        let accepted = room.min(all.len());
+        let expected = if accepted == all.len() { Ok(()) } else { Err(BatchRefused::Full) };
+        prop_assert_eq!(got, expected, "room for {} of {}", room, all.len());
+        prop_assert_eq!(
+            batch.iter().copied().collect::<Vec<_>>(),
+            all.iter().skip(accepted).copied().collect::<Vec<_>>()
+        );
+        for &(key, msg) in all.iter().take(accepted) {
+            self.model.queued.entry(key).or_default().push_back(msg);
+            self.ledger.accepted.push((key, msg));
+        }
+        Ok(())
+    }
+
+    fn take_many(&mut self, n: usize) -> Result<(), TestCaseError> {
+        let n = n.min(self.workers.saturating_sub(self.model.in_flight.len()));
+        if n == 0 {
+            return Ok(());
+        }
+        let ready = self.model.ready_count();
+        let mut out = VecDeque::new();
+        self.core.complete_and_take_many(&mut Vec::new(), n, &mut out);
+        prop_assert_eq!(out.len(), n.min(ready), "took {} of {} ready, asked {}", out.len(), ready, n);
+        for job in out {
+            self.took(job.key, job.msg)?;
+            self.ahead.push_back(job);
+        }
+        Ok(())
+    }
+
+    fn start_ahead(&mut self) {
+        for job in std::mem::take(&mut self.ahead) {
+            self.started(job.key, job.msg);
+        }
+    }
+
+    fn give_back(&mut self) -> Result<(), TestCaseError> {
+        if self.ahead.is_empty() {
+            return Ok(());
+        }
+        let given: Vec<(Option<K>, u32)> = self.ahead.iter().map(|j| (j.key, j.msg)).collect();
+        let dropped = self.core.complete_and_give_back(&mut Vec::new(), &mut self.ahead);
+        prop_assert!(self.ahead.is_empty());
+        for &(key, msg) in &given {
+            let pos = self.model.in_flight.iter().position(|f| *f == (key, msg)).expect("taken ahead is in flight");
+            self.model.in_flight.remove(pos);
+        }
+        if self.model.aborted {
+            // After an abort nothing is queued again: handed back to the caller.
+            let got: Vec<(Option<K>, u32)> = dropped.iter().map(|j| (j.key, j.msg)).collect();
+            prop_assert_eq!(got, given.clone(), "after abort, given-back messages come back to the caller");
+            for (_, m) in given {
+                *self.ledger.handed_back.entry(m).or_default() += 1;
+            }
+        } else {
+            prop_assert!(dropped.is_empty(), "before abort, given-back messages are queued again");
+            // Back at the head of their keys, in their order.
+            for &(key, msg) in given.iter().rev() {
+                self.model.queued.entry(key).or_default().push_front(msg);
+            }
+        }
         Ok(())
     }
 
     fn complete(&mut self, i: usize) {
-        if self.model.in_flight.is_empty() {
+        // Only a started message completes (not one taken ahead).
+        let started: Vec<usize> = (0..self.model.in_flight.len())
+            .filter(|&at| !self.ahead.iter().any(|j| (j.key, j.msg) == self.model.in_flight[at]))
+            .collect();
+        if started.is_empty() {
             return;
         }
-        let (key, _msg) = self.model.in_flight.remove(i % self.model.in_flight.len());
+        let (key, _msg) = self.model.in_flight.remove(started[i % started.len()]);
         self.core.complete(key.as_ref());
     }
 
@@ -201,6 +338,7 @@ impl Harness {
     fn abort(&mut self) -> Result<(), TestCaseError> {
         let handed_back = self.core.abort();
         self.model.closed = true;
+        self.model.aborted = true;
         // Exactly the not-yet-started messages, each key's in submission order.
         let mut got: BTreeMap<Option<K>, VecDeque<u32>> = BTreeMap::new();
         for (k, m) in handed_back {
@@ -228,12 +366,17 @@ impl Harness {
             Op::Complete(i) => self.complete(*i),
             Op::Close => self.close(),
             Op::Abort => self.abort()?,
+            Op::SubmitMany(keys) => self.submit_many(keys)?,
+            Op::TakeMany(n) => self.take_many(*n)?,
+            Op::StartAhead => self.start_ahead(),
+            Op::GiveBack => self.give_back()?,
         }
         self.check_stats()
     }
 
     /// Close, then let the workers run everything that is left.
     fn finish(&mut self) -> Result<(), TestCaseError> {
+        self.apply(&Op::StartAhead)?;
         self.apply(&Op::Close)?;
         self.submit(Some(0))?; // refused: closed
         while !self.model.in_flight.is_empty() || self.model.startable() {
@@ -355,13 +498,15 @@ enum Event {
 /// Handler starts and ends, with the task's key, in the order they happened.
 type Log = Vec<(Option<u8>, Event)>;
 
-fn run_on_pool(specs: &[Spec], concurrency: usize, capacity: usize) -> Result<(), TestCaseError> {
+/// Submits `specs` one by one (`chunk` 1) or `chunk` at a time with `submit_many_wait`.
+fn run_on_pool(specs: &[Spec], concurrency: usize, capacity: usize, chunk: usize) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let log: Arc<Mutex<Log>> = Arc::default();
     let replies: Arc<Mutex<Vec<Vec<String>>>> = Arc::new(Mutex::new(vec![Vec::new(); specs.len()]));
     let handled = Arc::new(AtomicUsize::new(0));
     let report = rt.block_on(async {
         let pool = Pool::new(PoolConfig { concurrency, capacity, wait_timeout: Duration::from_secs(5) });
+        let mut batch = Vec::new();
         for (i, s) in specs.iter().cloned().enumerate() {
             let (log, handled) = (Arc::clone(&log), Arc::clone(&handled));
             let work = async move {
@@ -390,7 +535,16 @@ fn run_on_pool(specs: &[Spec], concurrency: usize, capacity: usize) -> Result<()
                 replies.lock().unwrap()[i].push(text);
             };
             let key: Option<Key> = s.key.map(|k| Arc::from(format!("key-{k}")));
-            pool.submit_wait(Task::new(key, work, reply)).await.map_err(|r| r.error).expect("open pool accepts");
+            let task = Task::new(key, work, reply);
+            if chunk <= 1 {
+                pool.submit_wait(task).await.map_err(|r| r.error).expect("open pool accepts");
+            } else {
+                batch.push(task);
+                if batch.len() == chunk || i + 1 == specs.len() {
+                    let tasks = std::mem::take(&mut batch);
+                    pool.submit_many_wait(tasks).await.map_err(|r| r.error).expect("open pool accepts");
+                }
+            }
         }
         pool.close(None).await
     });
@@ -431,8 +585,9 @@ proptest! {
         specs in prop::collection::vec(spec(), 0..60),
         concurrency in 1usize..5,
         capacity in 1usize..12,
+        chunk in 1usize..6,
     ) {
         quiet_intentional_panics();
-        run_on_pool(&specs, concurrency, capacity)?;
+        run_on_pool(&specs, concurrency, capacity, chunk)?;
     }
 }

@@ -7,6 +7,7 @@
 //! that register `Waker`s under the same lock that decided they must wait, so
 //! a wake-up can never slip between the check and the registration.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::Hash;
@@ -24,10 +25,23 @@ pub enum Refused<K, T> {
     Closed(Option<K>, T),
 }
 
+/// Why [`Core::try_submit_many`] left messages in the batch (they stay there,
+/// in order, untouched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchRefused {
+    /// Queued plus in-flight messages reached the capacity before the batch
+    /// was through; the messages before that point were accepted.
+    Full,
+    /// `close` was called: nothing of the batch was accepted.
+    Closed,
+}
+
 /// A message taken by a worker. Report it with [`Core::complete`].
 #[derive(Debug)]
 pub struct Job<K, T> {
+    /// The message's key (`None`: unkeyed).
     pub key: Option<K>,
+    /// The message.
     pub msg: T,
 }
 
@@ -98,6 +112,76 @@ struct State<K, T> {
     work_waiters: Waiters,
 }
 
+/// The hasher of the key map, built in this one function. Its seeds are
+/// random per map (ahash's default), on purpose: the keys are aggregate IDs
+/// that anyone who can publish chooses, and fixed public seeds would let them
+/// craft keys that collide. Only `abort`'s order of handing back waiting
+/// messages of different keys follows the hash order; nothing is committed for
+/// them and the simulator's history does not depend on it (sim/tests/determinism.rs).
+fn key_hasher() -> ahash::RandomState {
+    ahash::RandomState::default()
+}
+
+impl<K: Hash + Eq + Clone, T> State<K, T> {
+    /// Accepts one message; the caller checked that the core is open and has
+    /// room. Returns whether the message may start now (it went to `ready`).
+    fn accept(&mut self, key: Option<K>, msg: T) -> bool {
+        self.used += 1;
+        match key {
+            // One hash per submit: the entry either holds the key's queue
+            // (busy: wait behind its current message) or takes the key.
+            Some(k) => match self.keys.entry(k) {
+                Entry::Occupied(mut busy) => {
+                    busy.get_mut().push_back(msg);
+                    false
+                }
+                Entry::Vacant(free) => {
+                    let k = free.key().clone();
+                    free.insert(VecDeque::new());
+                    self.ready.push_back(Job { key: Some(k), msg });
+                    true
+                }
+            },
+            None => {
+                self.ready.push_back(Job { key: None, msg });
+                true
+            }
+        }
+    }
+
+    /// Ends an in-flight message of `key`: frees its slot and makes the next
+    /// message of its key ready (or frees the key).
+    fn release(&mut self, key: Option<K>) {
+        debug_assert!(self.in_flight > 0, "complete without a message in flight");
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.used = self.used.saturating_sub(1);
+        if let Some(k) = key {
+            // Only after `abort` can a key be gone while in flight.
+            match self.keys.get_mut(&k).and_then(VecDeque::pop_front) {
+                Some(msg) => self.ready.push_back(Job { key: Some(k), msg }),
+                None => {
+                    self.keys.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Wakers owed after messages completed or came back: every room waiter
+    /// (only when there is one, so the common case allocates nothing), and
+    /// `workers` idle workers for the ready messages (or every one of them
+    /// once the core is closed and drained, so each sees it can exit).
+    fn after_release(&mut self, workers: usize) -> (Vec<Waker>, Vec<Waker>) {
+        let room = if self.room_waiters.list.is_empty() { Vec::new() } else { self.room_waiters.take_all() };
+        let woken = if self.closed && self.used == 0 {
+            self.work_waiters.take_all()
+        } else {
+            let n = workers.min(self.ready.len()).min(self.work_waiters.list.len());
+            (0..n).filter_map(|_| self.work_waiters.take_one()).collect()
+        };
+        (room, woken)
+    }
+}
+
 /// The keyed queue core. `K` is the aggregate key, `T` the message.
 pub struct Core<K, T> {
     state: Mutex<State<K, T>>,
@@ -119,14 +203,7 @@ impl<K: Hash + Eq + Clone, T> Core<K, T> {
                 used: 0,
                 in_flight: 0,
                 ready: VecDeque::new(),
-                // Fixed seeds: the map is iterated (by `abort`), so a per-process
-                // random seed would make equal runs hand work back in different orders.
-                keys: HashMap::with_hasher(ahash::RandomState::with_seeds(
-                    0x243f_6a88_85a3_08d3,
-                    0x1319_8a2e_0370_7344,
-                    0xa409_3822_299f_31d0,
-                    0x082e_fa98_ec4e_6c89,
-                )),
+                keys: HashMap::with_hasher(key_hasher()),
                 closed: false,
                 aborted: false,
                 room_waiters: Waiters::new(),
@@ -163,24 +240,10 @@ impl<K: Hash + Eq + Clone, T> Core<K, T> {
                 }
                 return Err(Refused::Full(key, msg));
             }
-            st.used += 1;
-            match key {
-                Some(k) => match st.keys.get_mut(&k) {
-                    // The key is busy: wait behind its current message.
-                    Some(behind) => {
-                        behind.push_back(msg);
-                        None
-                    }
-                    None => {
-                        st.keys.insert(k.clone(), VecDeque::new());
-                        st.ready.push_back(Job { key: Some(k), msg });
-                        st.work_waiters.take_one()
-                    }
-                },
-                None => {
-                    st.ready.push_back(Job { key: None, msg });
-                    st.work_waiters.take_one()
-                }
+            if st.accept(key, msg) {
+                st.work_waiters.take_one()
+            } else {
+                None
             }
         };
         if let Some(w) = worker {
@@ -232,49 +295,123 @@ impl<K: Hash + Eq + Clone, T> Core<K, T> {
     fn finish(&self, key: Option<&K>, take: bool) -> Option<Job<K, T>> {
         let (job, room, workers) = {
             let mut st = lock(&self.state);
-            debug_assert!(st.in_flight > 0, "complete without a message in flight");
-            st.in_flight = st.in_flight.saturating_sub(1);
-            st.used = st.used.saturating_sub(1);
-            let mut workers = Vec::new();
-            if let Some(k) = key {
-                let next = match st.keys.get_mut(k) {
-                    Some(behind) => behind.pop_front(),
-                    // Only after `abort` can a key be gone while in flight.
-                    None => None,
-                };
-                match next {
-                    Some(msg) => {
-                        st.ready.push_back(Job { key: Some(k.clone()), msg });
-                        // This worker takes work itself below; only wake
-                        // another if it cannot.
-                        if !take {
-                            workers.extend(st.work_waiters.take_one());
-                        }
-                    }
-                    None => {
-                        st.keys.remove(k);
-                    }
-                }
-            }
+            st.release(key.cloned());
             let job = if take { st.ready.pop_front() } else { None };
             if job.is_some() {
                 st.in_flight += 1;
             }
-            if take && !st.ready.is_empty() {
-                workers.extend(st.work_waiters.take_one());
-            }
-            if st.closed && st.used == 0 {
-                // Drained: every idle worker must see that it can exit.
-                workers.extend(st.work_waiters.take_all());
-            }
-            // Wake submitters only when one is waiting: the common case
-            // (room to spare) allocates nothing.
-            let room = if st.room_waiters.list.is_empty() { Vec::new() } else { st.room_waiters.take_all() };
+            // Whatever is still ready goes to one more worker, which passes
+            // it on in turn.
+            let (room, workers) = st.after_release(1);
             (job, room, workers)
         };
         wake_all(room);
         wake_all(workers);
         job
+    }
+
+    /// Accepts messages from the front of `batch`, in order, while there is
+    /// room, all under one lock. `Ok` once the whole batch is in; otherwise
+    /// what was not accepted stays in `batch`, in order.
+    pub fn try_submit_many(&self, batch: &mut VecDeque<(Option<K>, T)>) -> Result<(), BatchRefused> {
+        self.submit_batch(batch, None)
+    }
+
+    /// Accepts the whole batch, in order, waiting (asynchronously) for room
+    /// as often as it runs out. Resolves to `Err(BatchRefused::Closed)` if
+    /// the core closes first (never to `Full`); the messages not accepted
+    /// are then in [`SubmitManyFuture::take_items`].
+    pub fn submit_many(&self, batch: VecDeque<(Option<K>, T)>) -> SubmitManyFuture<'_, K, T> {
+        SubmitManyFuture { core: self, batch, waiter: None }
+    }
+
+    fn submit_batch(
+        &self,
+        batch: &mut VecDeque<(Option<K>, T)>,
+        wait: Option<(&mut Option<u64>, &Waker)>,
+    ) -> Result<(), BatchRefused> {
+        let (result, workers) = {
+            let mut st = lock(&self.state);
+            if st.closed {
+                return Err(BatchRefused::Closed);
+            }
+            let mut workers = Vec::new();
+            while st.used < st.capacity {
+                let Some((key, msg)) = batch.pop_front() else { break };
+                if st.accept(key, msg) {
+                    workers.extend(st.work_waiters.take_one());
+                }
+            }
+            if batch.is_empty() {
+                (Ok(()), workers)
+            } else {
+                if let Some((slot, waker)) = wait {
+                    st.room_waiters.register(slot, waker);
+                }
+                (Err(BatchRefused::Full), workers)
+            }
+        };
+        wake_all(workers);
+        result
+    }
+
+    /// A worker's hot path in batches: completes the in-flight message of
+    /// each key in `done` (drained; as [`Core::complete`] does), then takes
+    /// up to `max` ready messages into `out`, all under one lock. The taken
+    /// messages are in flight: the worker runs them in order, and gives back
+    /// with [`Core::complete_and_give_back`] those it will not start soon.
+    pub fn complete_and_take_many(&self, done: &mut Vec<Option<K>>, max: usize, out: &mut VecDeque<Job<K, T>>) {
+        let (room, workers) = {
+            let mut st = lock(&self.state);
+            for key in done.drain(..) {
+                st.release(key);
+            }
+            let n = max.min(st.ready.len());
+            st.in_flight += n;
+            out.extend(st.ready.drain(..n));
+            st.after_release(1)
+        };
+        wake_all(room);
+        wake_all(workers);
+    }
+
+    /// Completes the in-flight message of each key in `done` (drained), and
+    /// puts `unstarted` (drained: messages taken by
+    /// [`Core::complete_and_take_many`] and not started) back at the front
+    /// of the ready queue, in their order, waking idle workers for them. A
+    /// worker about to wait gives back what it took ahead, so no message
+    /// waits behind another key's handler. After [`Core::abort`] they are
+    /// not queued again: they are returned, released, for the caller to hand
+    /// back unprocessed.
+    pub fn complete_and_give_back(
+        &self,
+        done: &mut Vec<Option<K>>,
+        unstarted: &mut VecDeque<Job<K, T>>,
+    ) -> Vec<Job<K, T>> {
+        let (dropped, room, workers) = {
+            let mut st = lock(&self.state);
+            for key in done.drain(..) {
+                st.release(key);
+            }
+            let mut dropped = Vec::new();
+            if st.aborted {
+                for job in unstarted.drain(..) {
+                    st.release(job.key.clone());
+                    dropped.push(job);
+                }
+            } else {
+                st.in_flight = st.in_flight.saturating_sub(unstarted.len());
+                while let Some(job) = unstarted.pop_back() {
+                    st.ready.push_front(job);
+                }
+            }
+            let ready = st.ready.len();
+            let (room, workers) = st.after_release(ready);
+            (dropped, room, workers)
+        };
+        wake_all(room);
+        wake_all(workers);
+        dropped
     }
 
     /// Stops intake. Waiting submitters resolve to `Closed`; workers go on
@@ -322,10 +459,12 @@ impl<K: Hash + Eq + Clone, T> Core<K, T> {
         handed_back
     }
 
+    /// Whether `close` (or `abort`) was called.
     pub fn is_closed(&self) -> bool {
         lock(&self.state).closed
     }
 
+    /// The counters right now.
     pub fn stats(&self) -> Stats {
         let st = lock(&self.state);
         Stats {
@@ -376,6 +515,41 @@ impl<K: Hash + Eq + Clone + Unpin, T: Unpin> Future for SubmitFuture<'_, K, T> {
 }
 
 impl<K: Hash + Eq + Clone, T> Drop for SubmitFuture<'_, K, T> {
+    fn drop(&mut self) {
+        if let Some(id) = self.waiter {
+            self.core.forget_room_waiter(id);
+        }
+    }
+}
+
+/// Future of [`Core::submit_many`].
+pub struct SubmitManyFuture<'a, K: Hash + Eq + Clone, T> {
+    core: &'a Core<K, T>,
+    batch: VecDeque<(Option<K>, T)>,
+    waiter: Option<u64>,
+}
+
+impl<K: Hash + Eq + Clone, T> SubmitManyFuture<'_, K, T> {
+    /// The messages not accepted yet, in order (for a caller that gave up
+    /// waiting, or after `Closed`); the future then has nothing left to submit.
+    pub fn take_items(&mut self) -> VecDeque<(Option<K>, T)> {
+        std::mem::take(&mut self.batch)
+    }
+}
+
+impl<K: Hash + Eq + Clone + Unpin, T: Unpin> Future for SubmitManyFuture<'_, K, T> {
+    type Output = Result<(), BatchRefused>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        match this.core.submit_batch(&mut this.batch, Some((&mut this.waiter, cx.waker()))) {
+            Err(BatchRefused::Full) => Poll::Pending,
+            done => Poll::Ready(done),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, T> Drop for SubmitManyFuture<'_, K, T> {
     fn drop(&mut self) {
         if let Some(id) = self.waiter {
             self.core.forget_room_waiter(id);

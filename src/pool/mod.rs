@@ -7,6 +7,18 @@
 //! messages are bounded by `capacity`; submitters wait for room up to
 //! `wait_timeout`, then get [`SubmitError::QueueFull`].
 //!
+//! A batch of tasks can be submitted under one lock ([`Pool::submit_many`]).
+//! A worker takes ready tasks in batches too: one at first, doubling up to
+//! 32 while its tasks finish without waiting, and it reports the tasks it
+//! finished with its next take. So for a moment a finished task can still
+//! count as in flight, and a task taken ahead of running as in flight too.
+//! As soon as one of its tasks waits (or a parked task is due), the worker
+//! reports what finished and gives back what it took ahead, so no task waits
+//! behind another key's handler. A handler that blocks its thread without
+//! waiting (CPU-bound work in an async handler) still holds the tasks its
+//! worker took ahead until it returns: run such work on
+//! `tokio::task::spawn_blocking`.
+//!
 //! `core` holds the queues and is model-checked by loom; this module is
 //! the tokio executor on top of it.
 
@@ -22,10 +34,13 @@ pub mod core;
 mod core;
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared as SharedFuture};
@@ -35,7 +50,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use self::core::Stats;
-use self::core::{Core, Refused};
+use self::core::{BatchRefused, Core, Job, Refused};
 
 /// The aggregate key that orders messages.
 pub type Key = Arc<str>;
@@ -57,6 +72,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether the handler ran and succeeded.
     pub fn is_ok(&self) -> bool {
         matches!(self, Outcome::Done(Ok(())))
     }
@@ -70,8 +86,15 @@ pub struct HandlerPanicked(pub String);
 /// Why a submit was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
+    /// No room within the wait: the capacity was reached.
     #[error("pool queue full: {capacity} messages queued or in flight, no room within {waited:?}")]
-    QueueFull { capacity: usize, waited: Duration },
+    QueueFull {
+        /// The pool's capacity (queued plus in-flight tasks).
+        capacity: usize,
+        /// How long the submit waited for room.
+        waited: Duration,
+    },
+    /// The pool was closed: it takes no more tasks.
     #[error("pool closed")]
     Closed,
 }
@@ -79,13 +102,31 @@ pub enum SubmitError {
 /// A refused task, handed back so the caller may retry or drop it (dropping
 /// it reports [`Outcome::NotProcessed`] to its reply).
 pub struct Rejected {
+    /// Why the task was refused.
     pub error: SubmitError,
+    /// The task, untouched.
     pub task: Task,
 }
 
 impl fmt::Debug for Rejected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rejected").field("error", &self.error).finish_non_exhaustive()
+    }
+}
+
+/// A batch not (wholly) accepted: the tasks that were not, in their order,
+/// handed back with the reason. The ones before them were accepted. Dropping
+/// a handed-back task reports [`Outcome::NotProcessed`] to its reply.
+pub struct RejectedBatch {
+    /// Why the rest of the batch was refused.
+    pub error: SubmitError,
+    /// The tasks not accepted, in submission order.
+    pub tasks: Vec<Task>,
+}
+
+impl fmt::Debug for RejectedBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RejectedBatch").field("error", &self.error).field("tasks", &self.tasks.len()).finish()
     }
 }
 
@@ -139,7 +180,12 @@ pub enum Step {
     /// freed meanwhile; the key stays held (later tasks of the key wait) and
     /// the task still counts against the capacity. When the time comes, the
     /// continuation runs on the next free worker, before any new task.
-    Park { until: tokio::time::Instant, then: BoxFuture<'static, Step> },
+    Park {
+        /// When the task goes on.
+        until: tokio::time::Instant,
+        /// What it goes on with.
+        then: BoxFuture<'static, Step>,
+    },
 }
 
 impl fmt::Debug for Step {
@@ -181,6 +227,7 @@ impl Task {
         Task { key, work: work.boxed(), reply: Reply(Some(Box::new(reply))) }
     }
 
+    /// The key the task is ordered by (`None`: unkeyed).
     pub fn key(&self) -> Option<&Key> {
         self.key.as_ref()
     }
@@ -244,6 +291,7 @@ impl Pool {
         Pool { shared }
     }
 
+    /// The settings the pool was built with.
     pub fn config(&self) -> &PoolConfig {
         &self.shared.config
     }
@@ -264,6 +312,13 @@ impl Pool {
     pub async fn submit_timeout(&self, task: Task, wait: Duration) -> Result<(), Rejected> {
         let key = task.key.clone();
         let capacity = self.shared.config.capacity;
+        // Room right now (the common case): no timer is set up.
+        let task = match self.shared.core.try_submit(key, task) {
+            Ok(()) => return Ok(()),
+            Err(Refused::Full(_, task)) => task,
+            Err(refused) => return Err(refused_to_rejected(refused, wait, capacity)),
+        };
+        let key = task.key.clone();
         let mut submit = self.shared.core.submit(key, task);
         match tokio::time::timeout(wait, &mut submit).await {
             Ok(result) => result.map_err(|r| refused_to_rejected(r, wait, capacity)),
@@ -271,6 +326,63 @@ impl Pool {
                 Some((_, task)) => Err(Rejected { error: SubmitError::QueueFull { capacity, waited: wait }, task }),
                 None => Ok(()),
             },
+        }
+    }
+
+    /// Accepts `tasks` in order, as [`Pool::submit`] would one by one, but
+    /// taking the pool's lock once per run of room instead of once per task.
+    /// Waits up to the configured `wait_timeout` in all for room; then the
+    /// tasks not accepted are handed back, in order, with
+    /// [`SubmitError::QueueFull`] (the ones before them were accepted).
+    pub async fn submit_many(&self, tasks: Vec<Task>) -> Result<(), RejectedBatch> {
+        self.submit_many_timeout(tasks, self.shared.config.wait_timeout).await
+    }
+
+    /// [`Pool::submit_many`], waiting up to `wait` in all for room.
+    pub async fn submit_many_timeout(&self, tasks: Vec<Task>, wait: Duration) -> Result<(), RejectedBatch> {
+        let capacity = self.shared.config.capacity;
+        let mut batch = keyed(tasks);
+        match self.shared.core.try_submit_many(&mut batch) {
+            Ok(()) => return Ok(()),
+            Err(BatchRefused::Full) => {}
+            Err(BatchRefused::Closed) => return Err(rejected_batch(SubmitError::Closed, batch)),
+        }
+        let mut submit = self.shared.core.submit_many(batch);
+        let error = match tokio::time::timeout(wait, &mut submit).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_closed)) => SubmitError::Closed,
+            Err(_elapsed) => SubmitError::QueueFull { capacity, waited: wait },
+        };
+        let rest = submit.take_items();
+        if rest.is_empty() {
+            // Accepted in the same instant the wait ran out.
+            return Ok(());
+        }
+        Err(rejected_batch(error, rest))
+    }
+
+    /// [`Pool::submit_many`], waiting as long as it takes for room (how a
+    /// consumer applies back-pressure to a fetched batch).
+    pub async fn submit_many_wait(&self, tasks: Vec<Task>) -> Result<(), RejectedBatch> {
+        let mut submit = self.shared.core.submit_many(keyed(tasks));
+        match (&mut submit).await {
+            Ok(()) => Ok(()),
+            Err(_closed) => Err(rejected_batch(SubmitError::Closed, submit.take_items())),
+        }
+    }
+
+    /// Accepts, in order and under one lock, as many of `tasks` as there is
+    /// room for right now; the rest are handed back with
+    /// [`SubmitError::QueueFull`] (or all of them with `Closed`).
+    pub fn try_submit_many(&self, tasks: Vec<Task>) -> Result<(), RejectedBatch> {
+        let mut batch = keyed(tasks);
+        match self.shared.core.try_submit_many(&mut batch) {
+            Ok(()) => Ok(()),
+            Err(BatchRefused::Full) => Err(rejected_batch(
+                SubmitError::QueueFull { capacity: self.shared.config.capacity, waited: Duration::ZERO },
+                batch,
+            )),
+            Err(BatchRefused::Closed) => Err(rejected_batch(SubmitError::Closed, batch)),
         }
     }
 
@@ -294,6 +406,9 @@ impl Pool {
         Ok(rx.await.unwrap_or(Outcome::NotProcessed))
     }
 
+    /// Queued, in-flight and active-key counts right now. A task taken by a
+    /// worker ahead of running it, or finished and not yet reported by its
+    /// worker (see the module documentation), counts as in flight.
     pub fn stats(&self) -> Stats {
         self.shared.core.stats()
     }
@@ -304,6 +419,7 @@ impl Pool {
         self.shared.parked.len()
     }
 
+    /// Whether `close` was called.
     pub fn is_closed(&self) -> bool {
         self.shared.core.is_closed()
     }
@@ -414,6 +530,15 @@ impl Drop for Shared {
     }
 }
 
+/// The core's form of a batch: each task with its key.
+fn keyed(tasks: Vec<Task>) -> std::collections::VecDeque<(Option<Key>, Task)> {
+    tasks.into_iter().map(|task| (task.key.clone(), task)).collect()
+}
+
+fn rejected_batch(error: SubmitError, batch: std::collections::VecDeque<(Option<Key>, Task)>) -> RejectedBatch {
+    RejectedBatch { error, tasks: batch.into_iter().map(|(_, task)| task).collect() }
+}
+
 fn refused_to_rejected(refused: Refused<Key, Task>, waited: Duration, capacity: usize) -> Rejected {
     match refused {
         Refused::Full(_, task) => Rejected { error: SubmitError::QueueFull { capacity, waited }, task },
@@ -426,6 +551,9 @@ fn refused_to_rejected(refused: Refused<Key, Task>, waited: Duration, capacity: 
 #[derive(Default)]
 struct Parked {
     state: std::sync::Mutex<ParkedState>,
+    /// `state.ready.len()`, readable without the lock (workers check it
+    /// after every task).
+    ready_len: AtomicUsize,
     /// A parked task became ready.
     ready: tokio::sync::Notify,
     /// A task parked (the timer may have to wake earlier).
@@ -455,7 +583,15 @@ impl Parked {
     }
 
     fn take_ready(&self) -> Option<Task> {
-        self.lock().ready.pop_front()
+        let mut st = self.lock();
+        let task = st.ready.pop_front();
+        self.ready_len.store(st.ready.len(), Ordering::Release);
+        task
+    }
+
+    /// Whether a parked task is ready to go on.
+    fn has_ready(&self) -> bool {
+        self.ready_len.load(Ordering::Acquire) > 0
     }
 
     /// Moves the tasks whose time has come to the ready list; returns the
@@ -472,6 +608,7 @@ impl Parked {
                 st.ready.push_back(task);
                 woken += 1;
             }
+            self.ready_len.store(st.ready.len(), Ordering::Release);
             (woken, st.sleeping.keys().next().map(|k| k.0))
         };
         for _ in 0..woken {
@@ -489,6 +626,7 @@ impl Parked {
         let mut st = self.lock();
         let mut all: Vec<Task> = std::mem::take(&mut st.sleeping).into_values().collect();
         all.extend(st.ready.drain(..));
+        self.ready_len.store(0, Ordering::Release);
         all
     }
 }
@@ -535,19 +673,82 @@ async fn next_work(core: &Core<Key, Task>, parked: &Parked) -> Option<Work> {
     }
 }
 
+/// Most ready tasks a worker takes under one lock. It takes more than one
+/// only while its tasks finish without waiting (then a batch costs
+/// microseconds), and gives back what it took ahead as soon as one waits.
+const MAX_BATCH: usize = 32;
+
+/// A worker's tasks between two visits to the core: taken ahead and not
+/// started, and finished but not yet reported to the core (their keys are
+/// still held; they are reported with the next visit, before any wait).
+struct Batch {
+    ahead: VecDeque<Job<Key, Task>>,
+    done: Vec<Option<Key>>,
+    /// How many to take at the next visit: doubles while tasks finish
+    /// without waiting, back to 1 when one waits.
+    size: usize,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch { ahead: VecDeque::new(), done: Vec::new(), size: 1 }
+    }
+
+    /// Reports what finished and hands back what was taken ahead, so that
+    /// no task waits behind this worker's next wait.
+    fn give_back(&mut self, core: &Core<Key, Task>) {
+        if !self.ahead.is_empty() || !self.done.is_empty() {
+            // After an abort the core returns the tasks instead of queuing
+            // them again; dropping them reports them unprocessed.
+            drop(core.complete_and_give_back(&mut self.done, &mut self.ahead));
+        }
+    }
+
+    /// The worker's next task: a parked one whose time came (first), one
+    /// taken ahead, or new ones from the core (reporting what finished
+    /// under the same lock); waits when there is none.
+    async fn next(&mut self, core: &Core<Key, Task>, parked: &Parked) -> Option<Work> {
+        if parked.has_ready() {
+            self.give_back(core);
+            return next_work(core, parked).await;
+        }
+        if let Some(job) = self.ahead.pop_front() {
+            return Some(Work::New(job.msg));
+        }
+        core.complete_and_take_many(&mut self.done, self.size, &mut self.ahead);
+        self.size = (self.size * 2).min(MAX_BATCH);
+        match self.ahead.pop_front() {
+            Some(job) => Some(Work::New(job.msg)),
+            None => next_work(core, parked).await,
+        }
+    }
+}
+
 async fn worker(core: Arc<Core<Key, Task>>, parked: Arc<Parked>) {
+    let mut batch = Batch::new();
     let mut next = next_work(&core, &parked).await;
     while let Some(work) = next {
         let (Work::Resumed(task) | Work::New(task)) = work;
         let Task { key, work, reply } = task;
-        let span = tracing::debug_span!("pool.handle", key = key.as_deref().unwrap_or(""), outcome = tracing::field::Empty);
-        let step = AssertUnwindSafe(work).catch_unwind().instrument(span.clone()).await;
+        let span =
+            tracing::debug_span!("pool.handle", key = key.as_deref().unwrap_or(""), outcome = tracing::field::Empty);
+        let mut run = std::pin::pin!(AssertUnwindSafe(work).catch_unwind().instrument(span.clone()));
+        let step = match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
+            Poll::Ready(step) => step,
+            Poll::Pending => {
+                // The task waits: nothing this worker took ahead may wait
+                // behind it, and nothing it finished may stay held.
+                batch.size = 1;
+                batch.give_back(&core);
+                run.await
+            }
+        };
         let result = match step {
             Ok(Step::Park { until, then }) => {
                 // The key stays held and the slot counted: not completed.
                 span.record("outcome", "parked");
                 parked.park(until, Task { key, work: then, reply });
-                next = next_work(&core, &parked).await;
+                next = batch.next(&core, &parked).await;
                 continue;
             }
             Ok(Step::Done(r)) => r,
@@ -555,16 +756,8 @@ async fn worker(core: Arc<Core<Key, Task>>, parked: Arc<Parked>) {
         };
         span.record("outcome", if result.is_ok() { "ok" } else { "error" });
         reply.send(Outcome::Done(result));
-        // A parked task whose time came goes before new work.
-        next = if parked.lock().ready.is_empty() {
-            match core.complete_and_take(key.as_ref()) {
-                Some(job) => Some(Work::New(job.msg)),
-                None => next_work(&core, &parked).await,
-            }
-        } else {
-            core.complete(key.as_ref());
-            next_work(&core, &parked).await
-        };
+        batch.done.push(key);
+        next = batch.next(&core, &parked).await;
     }
 }
 

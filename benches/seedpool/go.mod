@@ -1,0 +1,3 @@
+module seedpool
+
+go 1.19
