@@ -32,8 +32,8 @@
 //! that channel, so it is cancel-safe. The thread never waits on handlers,
 //! so `max.poll.interval.ms` is never exceeded while the pool is full: when
 //! more than [`KafkaConfig::max_buffered`] messages wait in the channel the
-//! thread pauses the assigned partitions, and resumes them once the channel
-//! drained to half of it (librdkafka refetches from the last message handed
+//! thread pauses the assigned partitions, and [`Session::next`] resumes them
+//! as soon as the channel drained to half of it (librdkafka refetches from the last message handed
 //! out, so a pause neither loses nor repeats a message).
 //!
 //! # Rebalances
@@ -1320,6 +1320,11 @@ struct Shared {
     released: Condvar,
     /// The assignment is paused because the buffer is full.
     paused: AtomicBool,
+    /// Held while pausing or resuming (and while a new assignment is kept
+    /// paused), so `next`'s resume and the poll thread's pause never cross.
+    pausing: Mutex<()>,
+    /// `max_buffered / 2`: at or below it a paused assignment resumes.
+    resume_at: usize,
     /// Offsets the broker confirmed committed, per partition of the current
     /// assignments (see [`KafkaSession::confirmed_commits`]).
     confirmed: Mutex<BTreeMap<TopicPartition, u64>>,
@@ -1538,6 +1543,7 @@ impl ConsumerContext for SessionContext {
         }
         // New partitions start unpaused: keep the whole assignment paused
         // while the buffer is full.
+        let _pausing = lock(&shared.pausing);
         if shared.paused.load(Ordering::Acquire) {
             if let Ok(assignment) = consumer.assignment() {
                 let _ = consumer.pause(&assignment);
@@ -1576,6 +1582,8 @@ impl KafkaSession {
             book: Mutex::new(Assignments::default()),
             released: Condvar::new(),
             paused: AtomicBool::new(false),
+            pausing: Mutex::new(()),
+            resume_at: cfg.max_buffered / 2,
             confirmed: Mutex::new(BTreeMap::new()),
             topics: Mutex::new(HashMap::new()),
             revoke_timeout: cfg.revoke_timeout,
@@ -1658,6 +1666,26 @@ impl KafkaSession {
     #[doc(hidden)]
     pub fn inject_poll_thread_panic(&self) {
         self.shared.inject_panic.store(true, Ordering::Release);
+    }
+
+    /// Resumes a paused assignment as soon as the buffer drained, instead of
+    /// at the poll thread's next turn.
+    fn resume(&self) {
+        let Some(consumer) = self.consumer.as_ref() else { return };
+        let _pausing = lock(&self.shared.pausing);
+        if !self.shared.paused.load(Ordering::Acquire)
+            || self.shared.buffered.load(Ordering::Acquire) > self.shared.resume_at
+        {
+            return;
+        }
+        self.shared.paused.store(false, Ordering::Release);
+        if let Ok(assignment) = consumer.assignment() {
+            if let Err(e) = consumer.resume(&assignment) {
+                tracing::warn!(error = %e, "resuming partitions failed");
+            }
+        }
+        bump(&self.shared.stats.resumes);
+        tracing::debug!(group = %self.shared.group, "buffer drained; partitions resumed");
     }
 
     fn signal_stop(&self) {
@@ -1802,6 +1830,7 @@ impl PollLoop {
     }
 
     fn back_pressure(&self) {
+        let _pausing = lock(&self.shared.pausing);
         let buffered = self.shared.buffered.load(Ordering::Acquire);
         let paused = self.shared.paused.load(Ordering::Acquire);
         if !paused && buffered >= self.high {
@@ -1916,7 +1945,10 @@ impl Session for KafkaSession {
             Some(Ok((event, epoch))) => {
                 match &event {
                     SessionEvent::Message(_) => {
-                        self.shared.buffered.fetch_sub(1, Ordering::AcqRel);
+                        let buffered = self.shared.buffered.fetch_sub(1, Ordering::AcqRel) - 1;
+                        if buffered <= self.shared.resume_at && self.shared.paused.load(Ordering::Acquire) {
+                            self.resume();
+                        }
                     }
                     SessionEvent::Assigned(tps) => lock(&self.shared.book).seen_assigned(tps, epoch),
                     SessionEvent::Lost(tps) => lock(&self.shared.book).seen_lost(tps),
