@@ -160,6 +160,9 @@ impl BusConfig {
         if self.consumer.commit_interval.is_zero() {
             return invalid("consumer.commit_interval", "must be positive");
         }
+        if self.consumer.commit_threshold == 0 {
+            return invalid("consumer.commit_threshold", "must be at least 1");
+        }
         self.observability.validate()?;
         self.broker.validate()
     }

@@ -64,7 +64,8 @@ async fn handler_failing_twice_succeeds_on_retry_and_keeps_order() {
             let (checker, progress, failures) = (checker.clone(), progress.clone(), failures.clone());
             async move {
                 checker.begin(&env.aggregate_id, env.event_version);
-                if env.aggregate_id == "agg-0" && env.event_version == 1 && failures.fetch_add(1, Ordering::SeqCst) < 2 {
+                if env.aggregate_id == "agg-0" && env.event_version == 1 && failures.fetch_add(1, Ordering::SeqCst) < 2
+                {
                     checker.fail(&env.aggregate_id, env.event_version);
                     return Err("transient".into());
                 }
@@ -192,6 +193,134 @@ async fn commits_never_cover_an_incomplete_offset() {
     progress.wait_for(10).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(broker.committed("frontier", &tp), Some(10));
+    bus.close().await;
+}
+
+/// Subscribes "orders" with a handler that waits on `gate` at `agg-<stuck>`
+/// version 1 (if any) and counts the others in `progress`.
+async fn subscribe_gated(
+    bus: &EventBus<MemoryBroker>,
+    progress: Arc<Progress>,
+    gate: Arc<Notify>,
+    stuck: Option<usize>,
+) {
+    let stuck = stuck.map(|a| format!("agg-{a}"));
+    bus.subscribe_envelope("orders", move |env: Envelope| {
+        let (progress, gate, stuck) = (progress.clone(), gate.clone(), stuck.clone());
+        async move {
+            if stuck.as_deref() == Some(env.aggregate_id.as_str()) && env.event_version == 1 {
+                gate.notified().await;
+            }
+            progress.bump();
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits (in paused time, 1 ms steps) until `group`'s commit of orders[0]
+/// satisfies `ok`, failing once `limit` of virtual time has passed.
+async fn wait_committed(broker: &MemoryBroker, group: &str, limit: Duration, ok: impl Fn(u64) -> bool) -> u64 {
+    let tp = TopicPartition::new("orders", 0);
+    let start = tokio::time::Instant::now();
+    loop {
+        let committed = broker.committed(group, &tp).unwrap_or(0);
+        if ok(committed) {
+            return committed;
+        }
+        assert!(start.elapsed() < limit, "commit of orders[0] is {committed} after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Commits follow progress: with an interval of an hour, a frontier that
+/// moved by `commit_threshold` is committed at once (virtual time barely
+/// moves); what is left below the threshold waits for the interval.
+#[tokio::test(start_paused = true)]
+async fn a_frontier_past_the_threshold_commits_before_the_interval() {
+    let broker = MemoryBroker::default();
+    eventbus::Broker::ensure_topic(&broker, "orders", 1).await.unwrap();
+    let mut config = fast_config("threshold");
+    config.consumer.commit_interval = Duration::from_secs(3600);
+    config.consumer.commit_threshold = 5;
+    let bus = EventBus::builder(broker.clone()).config(config).build().unwrap();
+    let progress = Arc::new(Progress::default());
+    subscribe_gated(&bus, progress.clone(), Arc::new(Notify::new()), None).await;
+    bus.start().await.unwrap();
+    let start = tokio::time::Instant::now();
+    publish_versions(&bus, &["orders"], 10, 1).await;
+    progress.wait_for(10).await;
+    // Whatever the completion order, a frontier of 10 leaves less than 5
+    // uncommitted: the last early commit is at 6 or above.
+    let committed = wait_committed(&broker, "threshold", Duration::from_secs(60), |c| c >= 6).await;
+    assert!(start.elapsed() < Duration::from_secs(60), "committed without waiting for the interval");
+    let stats = bus.consumer_stats().await.unwrap();
+    assert!(stats.commits.load(Ordering::SeqCst) >= 1);
+    if committed < 10 {
+        // The rest (below the threshold) goes with the interval.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let tp = TopicPartition::new("orders", 0);
+        assert_eq!(broker.committed("threshold", &tp), Some(committed), "no early commit below the threshold");
+        wait_committed(&broker, "threshold", Duration::from_secs(3600), |c| c == 10).await;
+    }
+    bus.close().await;
+}
+
+/// The interval is still the ceiling: progress below the threshold is
+/// committed when the interval elapses, not before.
+#[tokio::test(start_paused = true)]
+async fn the_interval_commits_progress_below_the_threshold() {
+    let broker = MemoryBroker::default();
+    eventbus::Broker::ensure_topic(&broker, "orders", 1).await.unwrap();
+    let mut config = fast_config("ceiling");
+    config.consumer.commit_interval = Duration::from_secs(10);
+    config.consumer.commit_threshold = 100;
+    let bus = EventBus::builder(broker.clone()).config(config).build().unwrap();
+    let progress = Arc::new(Progress::default());
+    subscribe_gated(&bus, progress.clone(), Arc::new(Notify::new()), None).await;
+    bus.start().await.unwrap();
+    let start = tokio::time::Instant::now();
+    publish_versions(&bus, &["orders"], 5, 1).await;
+    progress.wait_for(5).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tp = TopicPartition::new("orders", 0);
+    assert_eq!(
+        broker.committed("ceiling", &tp).unwrap_or(0),
+        0,
+        "5 < threshold: nothing committed before the interval"
+    );
+    wait_committed(&broker, "ceiling", Duration::from_secs(11), |c| c == 5).await;
+    assert!(start.elapsed() >= Duration::from_secs(9), "committed by the interval, {:?} in", start.elapsed());
+    bus.close().await;
+}
+
+/// Threshold commits keep the frontier: they stop at a stuck offset however
+/// far the events after it got, and move on at once when it completes.
+#[tokio::test(start_paused = true)]
+async fn threshold_commits_never_pass_a_stuck_offset() {
+    let broker = MemoryBroker::default();
+    eventbus::Broker::ensure_topic(&broker, "orders", 1).await.unwrap();
+    let mut config = fast_config("stuck-threshold");
+    config.consumer.commit_interval = Duration::from_secs(3600);
+    config.consumer.commit_threshold = 2;
+    let bus = EventBus::builder(broker.clone()).config(config).build().unwrap();
+    let progress = Arc::new(Progress::default());
+    let gate = Arc::new(Notify::new());
+    subscribe_gated(&bus, progress.clone(), gate.clone(), Some(3)).await;
+    bus.start().await.unwrap();
+    // agg-3 v1 is offset 3.
+    publish_versions(&bus, &["orders"], 10, 1).await;
+    progress.wait_for(9).await;
+    wait_committed(&broker, "stuck-threshold", Duration::from_secs(60), |c| c == 3).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let tp = TopicPartition::new("orders", 0);
+    assert_eq!(broker.committed("stuck-threshold", &tp), Some(3), "frontier stops at the stuck offset");
+    let start = tokio::time::Instant::now();
+    gate.notify_one();
+    progress.wait_for(10).await;
+    wait_committed(&broker, "stuck-threshold", Duration::from_secs(60), |c| c == 10).await;
+    assert!(start.elapsed() < Duration::from_secs(60));
     bus.close().await;
 }
 
@@ -367,6 +496,8 @@ async fn configuration_errors_name_the_key() {
     assert!(err.to_string().contains("pool.concurrency"), "{err}");
     let err = eventbus::BusConfig::from_toml("[consumer]\nbogus = 1\n").unwrap_err();
     assert!(err.to_string().contains("bogus"), "{err}");
+    let err = eventbus::BusConfig::from_toml("[consumer]\ncommit_threshold = 0\n").unwrap_err();
+    assert!(err.to_string().contains("consumer.commit_threshold"), "{err}");
     let ok = eventbus::BusConfig::from_yaml("consumer:\n  group: billing\n  retry:\n    max_attempts: 5\n").unwrap();
     assert_eq!((ok.consumer.group.as_str(), ok.consumer.retry.max_attempts), ("billing", 5));
     let _ = BTreeMap::<u8, u8>::new();

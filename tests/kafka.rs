@@ -303,9 +303,14 @@ impl Session for RecordedSession {
 
     async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
         self.inner.commit(offsets).await?;
+        // Offsets are stored and committed in the background: the ledger
+        // holds what the broker confirmed (what a crash keeps).
+        let confirmed = self.inner.confirmed_commits();
         let mut ledger = self.ledger.lock().unwrap();
-        for (tp, o) in offsets {
-            ledger.commits.insert(tp.clone(), *o);
+        for (tp, _) in offsets {
+            if let Some(o) = confirmed.get(tp) {
+                ledger.commits.insert(tp.clone(), *o);
+            }
         }
         let committed = ledger.commits.values().sum();
         self.changes.send_modify(|c| c.committed = committed);
@@ -663,12 +668,20 @@ async fn broker_down_then_up_mid_stream() {
     let positions = Positions::default();
     publish(&bus, &aggregates, 1, VERSIONS / 2, &positions).await;
     // Half of the first half handled and committed; the rest in the pool.
-    let committed =
-        tokio::time::timeout(Duration::from_secs(30), changes.wait_for(|c| c.committed >= total as u64 / 4))
-            .await
-            .is_ok();
-    assert!(committed, "a quarter was not committed in time");
-    let committed_at_down = changes.borrow().committed;
+    // Read from the broker: the session stores offsets and librdkafka
+    // commits them in the background.
+    let tps: Vec<TopicPartition> =
+        topics.iter().flat_map(|t| (0..3).map(move |p| TopicPartition::new(t.as_str(), p))).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let committed_at_down = loop {
+        let read = admin.committed_offsets(&group, &tps).await.unwrap();
+        let committed: u64 = read.values().map(|o| o.unwrap_or(0)).sum();
+        if committed >= total as u64 / 4 {
+            break committed;
+        }
+        assert!(Instant::now() < deadline, "a quarter was not committed in time ({committed})");
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling the broker's state
+    };
 
     // Down: the second half is published into the outage (the idempotent
     // producer retries until the broker is back).
@@ -808,7 +821,15 @@ async fn consumer_lag_is_the_high_watermark_minus_the_committed_offset() {
         }
     }
     session.commit(&[(tp(0), 1), (tp(1), ends[1])]).await.unwrap();
-    let lags = broker.consumer_lag(&group, &topics).await.unwrap();
+    // Stored: librdkafka commits it within `auto_commit_interval`.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lags = loop {
+        let lags = broker.consumer_lag(&group, &topics).await.unwrap();
+        if lags == lag([1, ends[1]]) || Instant::now() > deadline {
+            break lags;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling the broker's state
+    };
     assert_eq!(lags, lag([1, ends[1]]));
     assert_eq!(lags.iter().map(eventbus::PartitionLag::lag).collect::<Vec<_>>(), vec![ends[0] - 1, 0]);
     session.close().await.unwrap();
@@ -1052,8 +1073,16 @@ async fn a_late_commit_of_an_old_assignment_does_not_overwrite_the_next_owner() 
     a.release(std::slice::from_ref(&tp)).await.unwrap(); // late, for the old revoke: no effect
     until_assigned(&mut a, &tp).await;
     a.commit(&[(tp.clone(), 120)]).await.unwrap();
-    let read = a_broker.committed_offsets(&group, std::slice::from_ref(&tp)).await.unwrap();
-    assert_eq!(read[&tp], Some(120), "the new assignment commits");
+    // Stored: librdkafka commits it within `auto_commit_interval`.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = a_broker.committed_offsets(&group, std::slice::from_ref(&tp)).await.unwrap();
+        if read[&tp] == Some(120) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new assignment's commit never reached the broker: {read:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling the broker's state
+    }
     a.close().await.unwrap();
 }
 

@@ -59,6 +59,9 @@ fn kafka_config(brokers: &str) -> KafkaConfig {
         linger: Duration::from_millis(1),
         request_timeout: Duration::from_secs(10),
         revoke_timeout: Duration::from_secs(20),
+        // Stored offsets reach the broker as often as the crash child
+        // commits (50 ms), so its kill finds a frontier committed.
+        auto_commit_interval: Duration::from_millis(50),
         replication_factor: 1,
         // tansu 0.6 answers a Fetch at an offset inside a record batch with
         // nothing of that batch, so a consumer resuming mid-batch (from a

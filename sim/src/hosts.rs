@@ -85,6 +85,7 @@ pub fn consumer_bus_config(max_attempts: u32, close_timeout: Option<Duration>, r
         consumer: ConsumerConfig {
             group: GROUP.into(),
             commit_interval: Duration::from_millis(100),
+            commit_threshold: ConsumerConfig::default().commit_threshold,
             revoke_timeout,
             retry: RetryConfig {
                 max_attempts,

@@ -12,9 +12,17 @@
 //! * [`Broker::ensure_topic`] reads the topic's metadata and creates it
 //!   (CreateTopics) or grows it (CreatePartitions) through the admin API.
 //! * A consumer group session is one librdkafka consumer (`group.id` = the
-//!   bus's `consumer.group`) subscribed to every topic, with
-//!   `enable.auto.commit=false`: [`Session::commit`] commits exactly the
-//!   frontier offsets it is given, synchronously.
+//!   bus's `consumer.group`) subscribed to every topic, on the pattern of
+//!   rust-rdkafka's `at_least_once` example: `enable.auto.offset.store=false`
+//!   and `enable.auto.commit=true`. [`Session::commit`] stores exactly the
+//!   frontier offsets it is given (no I/O; a fenced partition's offset is
+//!   not stored) and librdkafka commits the stored offsets in the background
+//!   every [`KafkaConfig::auto_commit_interval`]. Synchronous commits are
+//!   kept for the two moments they matter: a partition being revoked (the
+//!   revoke's final commit reaches the broker before the partition is
+//!   handed on) and [`Session::close`] (everything stored is committed before
+//!   the member leaves). A member that dies without closing loses at most
+//!   an `auto_commit_interval` of commits: that work is redelivered.
 //!
 //! # The poll thread
 //!
@@ -24,8 +32,8 @@
 //! that channel, so it is cancel-safe. The thread never waits on handlers,
 //! so `max.poll.interval.ms` is never exceeded while the pool is full: when
 //! more than [`KafkaConfig::max_buffered`] messages wait in the channel the
-//! thread pauses the assigned partitions, and resumes them once the channel
-//! drained to half of it (librdkafka refetches from the last message handed
+//! thread pauses the assigned partitions, and [`Session::next`] resumes them
+//! as soon as the channel drained to half of it (librdkafka refetches from the last message handed
 //! out, so a pause neither loses nor repeats a message).
 //!
 //! # Rebalances
@@ -253,6 +261,10 @@ pub struct KafkaConfig {
     /// `max_poll_interval` (and cover the bus's `consumer.revoke_timeout`).
     #[serde(with = "crate::config::millis")]
     pub revoke_timeout: Duration,
+    /// How often librdkafka commits the offsets the consumer stored
+    /// (`auto.commit.interval.ms`); revokes and close commit at once.
+    #[serde(with = "crate::config::millis")]
+    pub auto_commit_interval: Duration,
     /// Messages buffered between the poll thread and the consumer before the
     /// assigned partitions are paused (see [`KafkaConfig::bounded`]).
     pub max_buffered: usize,
@@ -296,6 +308,7 @@ impl Default for KafkaConfig {
             topic_properties: BTreeMap::new(),
             request_timeout: Duration::from_secs(30),
             revoke_timeout: Duration::from_secs(60),
+            auto_commit_interval: Duration::from_millis(500),
             max_buffered: 1000,
             max_payload_bytes: crate::envelope::MAX_ENVELOPE_BYTES,
             properties: BTreeMap::new(),
@@ -314,9 +327,10 @@ fn config_error(key: &str, reason: impl Into<String>) -> BrokerError {
 /// through, because the guarantees depend on them (or a typed field sets
 /// them). Aliases included.
 const RESERVED: &[(&str, &str)] = &[
-    ("enable.auto.commit", "commits are explicit: only completed frontiers are committed"),
-    ("enable.auto.offset.store", "commits are explicit: only completed frontiers are committed"),
-    ("auto.commit.enable", "commits are explicit: only completed frontiers are committed"),
+    ("enable.auto.commit", "only completed frontiers are stored, then committed"),
+    ("enable.auto.offset.store", "only completed frontiers are stored, then committed"),
+    ("auto.commit.enable", "only completed frontiers are stored, then committed"),
+    ("auto.commit.interval.ms", "set kafka.auto_commit_interval"),
     ("enable.idempotence", "the producer is always idempotent"),
     ("acks", "the producer always waits for acks=all"),
     ("request.required.acks", "the producer always waits for acks=all"),
@@ -389,6 +403,9 @@ impl KafkaConfig {
         if self.message_timeout.is_zero() {
             return Err(config_error("message_timeout", "must be positive"));
         }
+        if self.auto_commit_interval.is_zero() {
+            return Err(config_error("auto_commit_interval", "must be positive"));
+        }
         if self.max_buffered == 0 {
             return Err(config_error("max_buffered", "must be at least 1"));
         }
@@ -455,7 +472,8 @@ impl KafkaConfig {
     fn consumer_props(&self, group: &str) -> Props {
         let mut p = self.common();
         p.set("group.id", group, "consumer.group");
-        p.set("enable.auto.commit", "false", "kafka");
+        p.set("enable.auto.commit", "true", "kafka");
+        p.set("auto.commit.interval.ms", millis(self.auto_commit_interval), "kafka.auto_commit_interval");
         p.set("enable.auto.offset.store", "false", "kafka");
         p.set("enable.partition.eof", "false", "kafka");
         p.set("session.timeout.ms", millis(self.session_timeout), "kafka.session_timeout");
@@ -1310,6 +1328,14 @@ struct Shared {
     released: Condvar,
     /// The assignment is paused because the buffer is full.
     paused: AtomicBool,
+    /// Held while pausing or resuming (and while a new assignment is kept
+    /// paused), so `next`'s resume and the poll thread's pause never cross.
+    pausing: Mutex<()>,
+    /// `max_buffered / 2`: at or below it a paused assignment resumes.
+    resume_at: usize,
+    /// Offsets the broker confirmed committed, per partition of the current
+    /// assignments (see [`KafkaSession::confirmed_commits`]).
+    confirmed: Mutex<BTreeMap<TopicPartition, u64>>,
     /// Interned topic names.
     topics: Mutex<HashMap<String, Arc<str>>>,
     revoke_timeout: Duration,
@@ -1445,6 +1471,27 @@ impl ClientContext for SessionContext {
 }
 
 impl ConsumerContext for SessionContext {
+    /// The result of a background commit of stored offsets.
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        let shared = &self.shared;
+        match result {
+            Ok(()) => {
+                let mut confirmed = lock(&shared.confirmed);
+                for e in offsets.elements() {
+                    if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
+                        let (Ok(partition), Ok(o)) = (u32::try_from(e.partition()), u64::try_from(o)) else { continue };
+                        confirmed.insert(TopicPartition { topic: shared.topic(e.topic()), partition }, o);
+                    }
+                }
+            }
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                bump(&shared.stats.commit_errors);
+                tracing::warn!(group = %shared.group, error = %e, "background commit of stored offsets failed; retried at the next one");
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let shared = &self.shared;
         match rebalance {
@@ -1493,12 +1540,18 @@ impl ConsumerContext for SessionContext {
                 // `next` sees epochs in order.
                 let mut book = lock(&shared.book);
                 let epoch = book.assign(&tps);
+                let mut confirmed = lock(&shared.confirmed);
+                for tp in &tps {
+                    confirmed.remove(tp);
+                }
+                drop(confirmed);
                 tracing::debug!(group = %shared.group, ?tps, epoch, "assigned");
                 let _ = shared.events.send(Ok((SessionEvent::Assigned(tps), epoch)));
             }
         }
         // New partitions start unpaused: keep the whole assignment paused
         // while the buffer is full.
+        let _pausing = lock(&shared.pausing);
         if shared.paused.load(Ordering::Acquire) {
             if let Ok(assignment) = consumer.assignment() {
                 let _ = consumer.pause(&assignment);
@@ -1537,6 +1590,9 @@ impl KafkaSession {
             book: Mutex::new(Assignments::default()),
             released: Condvar::new(),
             paused: AtomicBool::new(false),
+            pausing: Mutex::new(()),
+            resume_at: cfg.max_buffered / 2,
+            confirmed: Mutex::new(BTreeMap::new()),
             topics: Mutex::new(HashMap::new()),
             revoke_timeout: cfg.revoke_timeout,
             request_timeout: cfg.request_timeout,
@@ -1598,6 +1654,15 @@ impl KafkaSession {
         })
     }
 
+    /// The offsets (next to read) the broker confirmed committed for this
+    /// member, per partition, since each was last assigned: what a crash of
+    /// this member would keep. [`Session::commit`] stores offsets and
+    /// librdkafka commits them in the background, so this trails the
+    /// consumer's commits by up to [`KafkaConfig::auto_commit_interval`].
+    pub fn confirmed_commits(&self) -> BTreeMap<TopicPartition, u64> {
+        lock(&self.shared.confirmed).clone()
+    }
+
     /// Partitions currently assigned to this member.
     pub fn assignment(&self) -> Vec<TopicPartition> {
         lock(&self.shared.book).owned()
@@ -1611,10 +1676,65 @@ impl KafkaSession {
         self.shared.inject_panic.store(true, Ordering::Release);
     }
 
+    /// Resumes a paused assignment as soon as the buffer drained, instead of
+    /// at the poll thread's next turn.
+    fn resume(&self) {
+        let Some(consumer) = self.consumer.as_ref() else { return };
+        let _pausing = lock(&self.shared.pausing);
+        if !self.shared.paused.load(Ordering::Acquire)
+            || self.shared.buffered.load(Ordering::Acquire) > self.shared.resume_at
+        {
+            return;
+        }
+        self.shared.paused.store(false, Ordering::Release);
+        if let Ok(assignment) = consumer.assignment() {
+            if let Err(e) = consumer.resume(&assignment) {
+                tracing::warn!(error = %e, "resuming partitions failed");
+            }
+        }
+        bump(&self.shared.stats.resumes);
+        tracing::debug!(group = %self.shared.group, "buffer drained; partitions resumed");
+    }
+
     fn signal_stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
         let _guard = lock(&self.shared.book);
         self.shared.released.notify_all();
+    }
+
+    fn offset_list(offsets: &[(TopicPartition, u64)]) -> Result<TopicPartitionList, BrokerError> {
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for (tp, offset) in offsets {
+            let offset = i64::try_from(*offset).map_err(|_| BrokerError::Other(format!("offset {offset} of {tp}")))?;
+            tpl.add_partition_offset(&tp.topic, tp.partition as i32, Offset::Offset(offset))
+                .map_err(|e| BrokerError::Other(format!("commit of {tp}: {e}")))?;
+        }
+        Ok(tpl)
+    }
+
+    /// Stores `offsets` for librdkafka's next commit (no I/O).
+    fn store_owned(&self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
+        let consumer = self.consumer.as_ref().ok_or(BrokerError::Closed)?;
+        let tpl = Self::offset_list(offsets)?;
+        let what = || offsets.iter().map(|(tp, _)| tp.to_string()).collect::<Vec<_>>().join(",");
+        match consumer.store_offsets(&tpl) {
+            Ok(()) => Ok(()),
+            Err(KafkaError::StoreOffset(code)) => Err(commit_error(code, &what())),
+            Err(e) => Err(kafka_error(Op::Commit, &format!("storing the offsets of {}", what()), e)),
+        }
+    }
+
+    /// Commits what was stored, synchronously (close).
+    async fn commit_stored(&self) -> Result<(), BrokerError> {
+        let Some(consumer) = self.consumer.clone() else { return Ok(()) };
+        let blocking = tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync));
+        match tokio::time::timeout(self.request_timeout, blocking).await {
+            Err(_) => Err(BrokerError::Timeout("the final commit was not confirmed in time".into())),
+            Ok(Err(e)) => Err(BrokerError::Other(format!("commit task: {e}"))),
+            Ok(Ok(Ok(()))) | Ok(Ok(Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)))) => Ok(()),
+            Ok(Ok(Err(KafkaError::ConsumerCommit(code)))) => Err(commit_error(code, "the stored offsets")),
+            Ok(Ok(Err(e))) => Err(kafka_error(Op::Commit, "the final commit", e)),
+        }
     }
 
     async fn commit_owned(&self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
@@ -1718,6 +1838,7 @@ impl PollLoop {
     }
 
     fn back_pressure(&self) {
+        let _pausing = lock(&self.shared.pausing);
         let buffered = self.shared.buffered.load(Ordering::Acquire);
         let paused = self.shared.paused.load(Ordering::Acquire);
         if !paused && buffered >= self.high {
@@ -1832,7 +1953,10 @@ impl Session for KafkaSession {
             Some(Ok((event, epoch))) => {
                 match &event {
                     SessionEvent::Message(_) => {
-                        self.shared.buffered.fetch_sub(1, Ordering::AcqRel);
+                        let buffered = self.shared.buffered.fetch_sub(1, Ordering::AcqRel) - 1;
+                        if buffered <= self.shared.resume_at && self.shared.paused.load(Ordering::Acquire) {
+                            self.resume();
+                        }
                     }
                     SessionEvent::Assigned(tps) => lock(&self.shared.book).seen_assigned(tps, epoch),
                     SessionEvent::Lost(tps) => lock(&self.shared.book).seen_lost(tps),
@@ -1850,14 +1974,38 @@ impl Session for KafkaSession {
         }
     }
 
+    /// Stores the offsets of partitions this member still owns (librdkafka
+    /// commits them within `auto_commit_interval`); if one of them is being
+    /// revoked, commits them synchronously instead. Fenced partitions are
+    /// neither stored nor committed ([`BrokerError::CommitRejected`]).
     async fn commit(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<(), BrokerError> {
-        let decision = lock(&self.shared.book).begin_commit(offsets);
-        let result = if decision.allowed.is_empty() { Ok(()) } else { self.commit_owned(&decision.allowed).await };
-        {
+        let (decision, stored) = {
+            // The store happens under the book's lock, so no revoke ends
+            // between the fence check and the store.
             let mut book = lock(&self.shared.book);
-            book.end_commit(&decision.allowed);
-            self.shared.released.notify_all();
-        }
+            let decision = book.begin_commit(offsets);
+            if decision.allowed.is_empty() || decision.allowed.iter().any(|(tp, _)| book.is_revoking(tp)) {
+                (decision, None)
+            } else {
+                let stored = self.store_owned(&decision.allowed);
+                book.end_commit(&decision.allowed);
+                (decision, Some(stored))
+            }
+        };
+        let result = match stored {
+            Some(stored) => stored,
+            None if decision.allowed.is_empty() => Ok(()),
+            None => {
+                let result = self.commit_owned(&decision.allowed).await;
+                if result.is_ok() {
+                    lock(&self.shared.confirmed).extend(decision.allowed.iter().cloned());
+                }
+                let mut book = lock(&self.shared.book);
+                book.end_commit(&decision.allowed);
+                self.shared.released.notify_all();
+                result
+            }
+        };
         let result = result.and_then(|()| match decision.rejected.first() {
             None => Ok(()),
             Some((tp, _)) => Err(BrokerError::CommitRejected {
@@ -1893,7 +2041,13 @@ impl Session for KafkaSession {
         consumer.subscribe(&names).map_err(|e| BrokerError::Other(format!("subscribing to {topics:?}: {e}")))
     }
 
+    /// Commits everything stored synchronously, then leaves the group.
     async fn close(mut self) -> Result<(), BrokerError> {
+        let committed = self.commit_stored().await;
+        if let Err(e) = &committed {
+            bump(&self.shared.stats.commit_errors);
+            tracing::warn!(group = %self.shared.group, error = %e, "the final commit failed; leaving the group");
+        }
         self.signal_stop();
         // The poll thread holds the other reference and closes the consumer
         // (leaving the group) when it exits.
@@ -1904,7 +2058,7 @@ impl Session for KafkaSession {
                 return Err(BrokerError::Timeout(format!("leaving group {:?} took over {limit:?}", self.shared.group)));
             }
         }
-        Ok(())
+        committed
     }
 }
 
@@ -1944,7 +2098,8 @@ mod tests {
         let p = cfg.consumer_props("g");
         let get = |k: &str| p.entries.iter().find(|(p, _, _)| p == k).map(|(_, v, _)| v.clone());
         assert_eq!(get("group.id").as_deref(), Some("g"));
-        assert_eq!(get("enable.auto.commit").as_deref(), Some("false"));
+        assert_eq!(get("enable.auto.commit").as_deref(), Some("true"));
+        assert_eq!(get("enable.auto.offset.store").as_deref(), Some("false"));
         assert_eq!(get("isolation.level").as_deref(), Some("read_uncommitted"));
         assert_eq!(get("partition.assignment.strategy").as_deref(), Some("cooperative-sticky"));
         assert_eq!(get("session.timeout.ms").as_deref(), Some("45000"));

@@ -350,6 +350,16 @@ pub trait Broker: Send + Sync + 'static {
         tokio::sync::watch::channel(ConnectionState::Connected).1
     }
 
+    /// How many delivered messages of one partition a member may hold
+    /// uncommitted before the broker stops delivering more (JetStream's
+    /// `max_ack_pending`); `None` when the broker sets no such bound (Kafka,
+    /// the memory broker). The consumer commits a partition early once it
+    /// holds half of this uncommitted
+    /// ([`ConsumerConfig::commit_threshold`](crate::consumer::ConsumerConfig::commit_threshold)).
+    fn delivery_window(&self) -> Option<u64> {
+        None
+    }
+
     /// The group's lag on every partition of `topics`, read from the broker
     /// (end offset and committed offset), for metrics and backlog alerts.
     fn consumer_lag(

@@ -1269,6 +1269,12 @@ impl Broker for NatsBroker {
         Ok(session)
     }
 
+    /// `max_ack_pending`: the server stops delivering to a consumer holding
+    /// that many messages unacknowledged.
+    fn delivery_window(&self) -> Option<u64> {
+        u64::try_from(self.inner.config.max_ack_pending).ok()
+    }
+
     fn connection_state(&self) -> watch::Receiver<ConnectionState> {
         self.inner.connection.subscribe()
     }

@@ -105,6 +105,21 @@ impl Frontier {
         self.uncommitted_len.saturating_sub(self.outstanding.len() as u64).saturating_sub(self.abandoned)
     }
 
+    /// How far the commit point is past the last commit, in offsets (gaps
+    /// count): what a commit now would move the partition's committed offset.
+    pub fn committable(&self) -> u64 {
+        match (self.uncommitted.front(), self.commit_point()) {
+            (Some(&(start, _)), Some(point)) => point.saturating_sub(start),
+            _ => 0,
+        }
+    }
+
+    /// Events dispatched and not yet covered by a commit (in flight, handled
+    /// or abandoned): what a broker with a delivery window counts against it.
+    pub fn uncommitted(&self) -> u64 {
+        self.uncommitted_len
+    }
+
     /// Whether an abandoned event holds the frontier back.
     #[cfg(test)]
     pub fn is_blocked(&self) -> bool {

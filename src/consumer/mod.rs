@@ -20,7 +20,7 @@ pub mod task_headers {
     };
 }
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +72,11 @@ pub struct RetryConfig {
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        RetryConfig { max_attempts: 3, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(10) }
+        RetryConfig {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
     }
 }
 
@@ -90,9 +94,20 @@ impl RetryConfig {
 pub struct ConsumerConfig {
     /// Consumer group shared by every subscribed topic.
     pub group: String,
-    /// How often advanced frontiers are committed.
+    /// The longest a completed event waits for its commit: every interval,
+    /// each partition whose frontier advanced is committed. A ceiling only:
+    /// a partition is committed earlier once its frontier moved by
+    /// [`commit_threshold`](Self::commit_threshold) offsets.
     #[serde(with = "crate::config::millis")]
     pub commit_interval: Duration,
+    /// Commits a partition as soon as its frontier moved this many offsets
+    /// past its last commit, without waiting for `commit_interval` (at least
+    /// 1). A partition is also committed early once the messages it holds
+    /// uncommitted reach half the broker's delivery window
+    /// ([`Broker::delivery_window`], JetStream's `max_ack_pending`), so the
+    /// broker never stops delivering for want of a commit. The frontier is
+    /// kept: nothing past an event that has not completed is committed.
+    pub commit_threshold: u64,
     /// How long a revoke waits for the partition's running handlers.
     #[serde(with = "crate::config::millis")]
     pub revoke_timeout: Duration,
@@ -112,6 +127,7 @@ impl Default for ConsumerConfig {
         ConsumerConfig {
             group: "eventbus".into(),
             commit_interval: Duration::from_secs(1),
+            commit_threshold: 500,
             revoke_timeout: Duration::from_secs(30),
             retry: RetryConfig::default(),
             dead_letter_suffix: ".dlq".into(),
@@ -243,8 +259,11 @@ struct Backoff {
 
 impl Backoff {
     /// The same doubling-and-cap rule as the handler retries ([`RetryConfig::backoff`]).
-    const RULE: RetryConfig =
-        RetryConfig { max_attempts: 1, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(10) };
+    const RULE: RetryConfig = RetryConfig {
+        max_attempts: 1,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(10),
+    };
 
     fn next(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
@@ -327,7 +346,12 @@ pub async fn start<B: Broker>(
     let stats = Arc::new(ConsumerStats::default());
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    // Half the broker's window: room for what arrives while the commit runs.
+    let window_trigger = broker.delivery_window().map(|w| (w / 2).max(1));
     let consumer = Consumer {
+        window_trigger,
+        due: BTreeSet::new(),
+        early_commits_held: false,
         broker,
         pool,
         config: Arc::new(config),
@@ -355,7 +379,19 @@ struct Consumer<B: Broker> {
     /// Metric handles per topic, registered at its first assignment.
     topic_metrics: BTreeMap<Arc<str>, Arc<TopicMetrics>>,
     metrics: ConsumerMetrics,
+    /// Uncommitted messages of a partition that make its commit due (half
+    /// the broker's delivery window), if the broker has one.
+    window_trigger: Option<u64>,
+    /// Partitions whose frontier crossed a commit trigger since their last
+    /// commit (see [`ConsumerConfig::commit_threshold`]).
+    due: BTreeSet<TopicPartition>,
+    /// A commit failed: early commits wait for the next interval, so a
+    /// failing broker is retried at `commit_interval`, never per completion.
+    early_commits_held: bool,
 }
+
+/// Completions handled in one turn before due commits are sent.
+const COMPLETION_BATCH: usize = 256;
 
 type PendingSubmit = BoxFuture<'static, Result<(), Rejected>>;
 
@@ -429,7 +465,24 @@ impl<B: Broker> Consumer<B> {
         loop {
             tokio::select! {
                 biased;
-                Some(c) = done.recv() => self.on_completion(c),
+                Some(c) = done.recv() => {
+                    self.on_completion(c);
+                    for _ in 1..COMPLETION_BATCH {
+                        match done.try_recv() {
+                            Ok(c) => self.on_completion(c),
+                            Err(_) => break,
+                        }
+                    }
+                    if !self.due.is_empty() && !self.early_commits_held {
+                        let due: Vec<TopicPartition> = std::mem::take(&mut self.due).into_iter().collect();
+                        if let Err(e) = self.commit(session, Some(&due)).await {
+                            if e.class() == ErrorClass::Fatal {
+                                return Exit::SessionFailed;
+                            }
+                            self.early_commits_held = true;
+                        }
+                    }
+                }
                 cmd = control.recv() => match cmd {
                     Some(Control::AddTopic(topic, handler, reply)) => {
                         let _ = reply.send(self.add_topic(session, topic, handler).await);
@@ -438,10 +491,13 @@ impl<B: Broker> Consumer<B> {
                     None => return Exit::Shutdown(None),
                 },
                 _ = tick.tick() => {
+                    self.due.clear();
+                    self.early_commits_held = false;
                     if let Err(e) = self.commit(session, None).await {
                         if e.class() == ErrorClass::Fatal {
                             return Exit::SessionFailed;
                         }
+                        self.early_commits_held = true;
                     }
                 }
                 submitted = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
@@ -698,6 +754,11 @@ impl<B: Broker> Consumer<B> {
             Outcome::Done(Ok(())) => {
                 state.frontier.completed(c.offset);
                 state.publish_commit_lag();
+                let committable = state.frontier.committable();
+                let window_full = self.window_trigger.is_some_and(|w| state.frontier.uncommitted() >= w);
+                if committable >= self.config.commit_threshold || (window_full && committable > 0) {
+                    self.due.insert(c.tp);
+                }
             }
             Outcome::Done(Err(e)) => {
                 tracing::debug!(partition = %c.tp, offset = c.offset, error = %e, "event not completed; frontier held");

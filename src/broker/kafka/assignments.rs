@@ -174,6 +174,12 @@ impl Assignments {
         }
     }
 
+    /// Whether `tp` waits for the consumer's release (its final commit must
+    /// reach the broker before the revoke ends).
+    pub fn is_revoking(&self, tp: &TopicPartition) -> bool {
+        self.revoking.contains_key(tp)
+    }
+
     /// Whether a commit of any of the revoke's partitions is in flight.
     pub fn committing(&self, revoke: &[(TopicPartition, Epoch)]) -> bool {
         revoke.iter().any(|(tp, _)| self.committing.contains_key(tp))
