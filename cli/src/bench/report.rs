@@ -16,10 +16,8 @@ pub struct BenchReport {
     pub load_average_start: Option<f64>,
     pub load_average_end: Option<f64>,
     pub started_at: String,
-    pub publish_concurrency: usize,
-    pub commit_interval_ms: u64,
-    pub read_ahead: usize,
-    pub kafka_single_record_batches: bool,
+    /// The configuration run with: the library's defaults unless overridden.
+    pub config: super::settings::EffectiveConfig,
     pub brokers: Vec<BrokerReport>,
     pub passed: bool,
 }
@@ -87,8 +85,24 @@ fn spread(runs: &[f64]) -> String {
 
 pub fn print_tables(report: &BenchReport) {
     let header = [
-        "broker", "messages", "sent", "handled", "success", "violations", "dups", "dead", "pub/s", "e2e/s",
-        "pub p50 ms", "pub p99 ms", "e2e p50 ms", "e2e p99 ms", "tasks alive", "peak MiB", "ours/raw", "load",
+        "broker",
+        "messages",
+        "sent",
+        "handled",
+        "success",
+        "violations",
+        "dups",
+        "dead",
+        "pub/s",
+        "e2e/s",
+        "pub p50 ms",
+        "pub p99 ms",
+        "e2e p50 ms",
+        "e2e p99 ms",
+        "tasks alive",
+        "peak MiB",
+        "ours/raw",
+        "load",
     ];
     let mut rows = Vec::new();
     for b in &report.brokers {
@@ -153,7 +167,14 @@ pub fn print_tables(report: &BenchReport) {
     if !par.is_empty() {
         println!("\nkey-level parallelism, 1 ms handler (goal: ours/sequential >= 20x):");
         let header = [
-            "broker", "messages", "aggs", "partitions", "handler ms", "ours msgs/s", "sequential msgs/s", "ratio",
+            "broker",
+            "messages",
+            "aggs",
+            "partitions",
+            "handler ms",
+            "ours msgs/s",
+            "sequential msgs/s",
+            "ratio",
             "load",
         ];
         print!("{}", render_table(&header, &par));
