@@ -554,8 +554,9 @@ async fn run_soak(
                         .read_topic(t)
                         .iter()
                         .map(|d| {
-                            let headers: usize = d.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-                            d.payload.len() + d.key.as_ref().map_or(0, Vec::len) + headers
+                            let headers: usize = d.headers.iter().map(|(k, v)| k.len() + v.len() + 48 + 32).sum();
+                            // The record (88), its payload, key and header list allocations (16 each).
+                            d.payload.len() + d.key.as_ref().map_or(0, Vec::len) + headers + 88 + 3 * 16
                         })
                         .sum::<usize>()
                 })

@@ -65,7 +65,7 @@ pub struct SoakReport {
     pub throughput_eps: f64,
     /// RSS once the bus consumed the probes, before the first event.
     pub rss_start_mib: Option<f64>,
-    /// RSS at the first sample with at least 10% of the events handled.
+    /// The highest RSS sampled during warm-up (until 10% of the events were handled).
     pub rss_warm_mib: Option<f64>,
     pub rss_peak_mib: Option<f64>,
     /// RSS once every event was handled, before `close`.
@@ -73,18 +73,24 @@ pub struct SoakReport {
     /// Least-squares slope of RSS over events handled, after warm-up, in
     /// bytes per event (the memory broker's log included).
     pub slope_bytes_per_event: Option<f64>,
-    /// Bytes the memory broker's log holds per event (payload, key and
-    /// header bytes; a lower bound: allocation overhead not counted). 0 on
-    /// an out-of-process broker.
+    /// Bytes the memory broker's log holds per event, estimated: payload,
+    /// key and header bytes, 88 per stored record, 48 per header and 16 per
+    /// allocation (glibc's chunk header and rounding). 0 on an out-of-process broker.
     pub log_bytes_per_event: f64,
     /// `rss_end - rss_warm - log growth over the same events`.
     pub growth_after_warm_up_mib: Option<f64>,
     /// The growth limit called flat: max(16 MiB, 10% of the warm RSS).
     pub flat_tolerance_mib: Option<f64>,
     pub flat: Option<bool>,
-    /// Most events published (acknowledged) and not yet handled at once.
+    /// Most events published (acknowledged) and not yet handled at once
+    /// (the broker's backlog included).
     pub peak_in_flight: u64,
-    /// `(max over samples of (rss - log bytes so far) - rss_start) / peak_in_flight`.
+    /// Most events the bus held at once: delivered to it (read from the
+    /// broker and dispatched to the pool, `ConsumerStats::delivered`) and
+    /// not yet handled.
+    pub peak_held: u64,
+    /// `(max over samples of (rss - log bytes so far) - rss_start) / peak_held`:
+    /// the memory above the idle bus per event it holds.
     pub bytes_per_in_flight_event: Option<f64>,
     pub samples: Vec<Sample>,
     pub errors: Vec<String>,
@@ -118,6 +124,8 @@ struct Shared {
     handled: AtomicU64,
     published: ProgressBar,
     peak_in_flight: AtomicU64,
+    peak_held: AtomicU64,
+    stats: std::sync::OnceLock<Arc<eventbus::consumer::ConsumerStats>>,
     probes: watch::Sender<usize>,
     samples: Mutex<Vec<Sample>>,
     step: u64,
@@ -138,6 +146,10 @@ impl Shared {
             };
             lock(&self.samples).push(s);
         }
+    }
+
+    fn probe_count(&self) -> u64 {
+        *self.probes.borrow() as u64
     }
 
     fn handle(&self, env: &Envelope) {
@@ -181,6 +193,11 @@ impl Shared {
             let handled = self.handled.fetch_add(1, Ordering::Relaxed) + 1;
             let in_flight = self.published.position().saturating_sub(handled);
             self.peak_in_flight.fetch_max(in_flight, Ordering::Relaxed);
+            if let Some(stats) = self.stats.get() {
+                // Probes are delivered too, and this event counts as delivered.
+                let held = stats.delivered.load(Ordering::Relaxed).saturating_sub(handled + self.probe_count());
+                self.peak_held.fetch_max(held, Ordering::Relaxed);
+            }
             self.bar.inc(1);
             if handled % self.step == 0 {
                 self.sample();
@@ -234,6 +251,8 @@ pub async fn run<B: Broker + Clone>(
         handled: AtomicU64::new(0),
         published: pub_bar.clone(),
         peak_in_flight: AtomicU64::new(0),
+        peak_held: AtomicU64::new(0),
+        stats: std::sync::OnceLock::new(),
         probes,
         samples: Mutex::new(Vec::new()),
         step: (events / 100).max(1),
@@ -270,6 +289,9 @@ pub async fn run<B: Broker + Clone>(
         return report;
     }
 
+    if let Some(stats) = bus.consumer_stats().await {
+        let _ = shared.stats.set(stats);
+    }
     *lock(&shared.started) = Some(Instant::now());
     shared.sample();
     let ticker = {
@@ -327,6 +349,7 @@ pub async fn run<B: Broker + Clone>(
     report.elapsed_s = elapsed.as_secs_f64();
     report.throughput_eps = workload::per_second(report.received, elapsed);
     report.peak_in_flight = shared.peak_in_flight.load(Ordering::Relaxed);
+    report.peak_held = shared.peak_held.load(Ordering::Relaxed);
     report.samples = std::mem::take(&mut *lock(&shared.samples));
     report.samples.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
     report.passed = report.errors.is_empty()
@@ -351,7 +374,9 @@ pub fn summarize(report: &mut SoakReport, log_bytes: Option<u64>) {
     let warm_at = (report.events as f64 * WARM_UP).ceil() as u64;
     let warm = samples.iter().position(|s| s.handled >= warm_at);
     if let (Some(w), Some(end)) = (warm, samples.last()) {
-        let ws = &samples[w];
+        // The highest RSS of the warm-up (allocators keep what they reached),
+        // and the log as it was at that sample.
+        let ws = samples[..=w].iter().max_by(|a, b| a.rss_mib.total_cmp(&b.rss_mib)).unwrap_or(&samples[w]);
         report.rss_warm_mib = Some(ws.rss_mib);
         let growth = end.rss_mib - ws.rss_mib - (log_mib(end.published) - log_mib(ws.published));
         let tolerance = FLAT_MIB.max(FLAT_SHARE * ws.rss_mib);
@@ -371,7 +396,7 @@ pub fn summarize(report: &mut SoakReport, log_bytes: Option<u64>) {
     if let Some(start) = report.rss_start_mib {
         let excess = samples.iter().map(|s| s.rss_mib - log_mib(s.published)).reduce(f64::max).unwrap_or(start);
         report.bytes_per_in_flight_event =
-            (report.peak_in_flight > 0).then(|| (excess - start).max(0.0) * MIB / report.peak_in_flight as f64);
+            (report.peak_held > 0).then(|| (excess - start).max(0.0) * MIB / report.peak_held as f64);
     }
     report.samples = samples;
 }
@@ -423,6 +448,7 @@ pub fn print(reports: &[SoakReport]) {
                 opt(r.growth_after_warm_up_mib, 1),
                 r.flat.map_or("-".into(), |f| if f { "yes".into() } else { "no".into() }),
                 r.peak_in_flight.to_string(),
+                r.peak_held.to_string(),
                 opt(r.bytes_per_in_flight_event, 0),
             ]
         })
