@@ -425,7 +425,8 @@ pub fn print(reports: &[SoakReport]) {
         "growth MiB",
         "flat",
         "peak in flight",
-        "B/in-flight",
+        "peak held",
+        "B/held event",
     ];
     let rows: Vec<Vec<String>> = reports
         .iter()
