@@ -111,21 +111,11 @@ fn load_config(path: &Path) -> Result<BusConfig, String> {
     parsed.map_err(|e| e.to_string())
 }
 
+
 fn print_table(results: &[LevelResult]) {
     let header = [
-        "messages",
-        "aggs",
-        "sent",
-        "received",
-        "success",
-        "violations",
-        "dups",
-        "dead letters",
-        "events/s",
-        "p50 ms",
-        "p99 ms",
-        "tasks alive",
-        "peak MiB",
+        "messages", "aggs", "sent", "received", "success", "violations", "dups", "dead letters", "events/s",
+        "p50 ms", "p99 ms", "tasks alive", "peak MiB",
     ];
     let rows: Vec<Vec<String>> = results
         .iter()

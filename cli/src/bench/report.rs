@@ -85,24 +85,8 @@ fn spread(runs: &[f64]) -> String {
 
 pub fn print_tables(report: &BenchReport) {
     let header = [
-        "broker",
-        "messages",
-        "sent",
-        "handled",
-        "success",
-        "violations",
-        "dups",
-        "dead",
-        "pub/s",
-        "e2e/s",
-        "pub p50 ms",
-        "pub p99 ms",
-        "e2e p50 ms",
-        "e2e p99 ms",
-        "tasks alive",
-        "peak MiB",
-        "ours/raw",
-        "load",
+        "broker", "messages", "sent", "handled", "success", "violations", "dups", "dead", "pub/s", "e2e/s",
+        "pub p50 ms", "pub p99 ms", "e2e p50 ms", "e2e p99 ms", "tasks alive", "peak MiB", "ours/raw", "load",
     ];
     let mut rows = Vec::new();
     for b in &report.brokers {
@@ -167,14 +151,7 @@ pub fn print_tables(report: &BenchReport) {
     if !par.is_empty() {
         println!("\nkey-level parallelism, 1 ms handler (goal: ours/sequential >= 20x):");
         let header = [
-            "broker",
-            "messages",
-            "aggs",
-            "partitions",
-            "handler ms",
-            "ours msgs/s",
-            "sequential msgs/s",
-            "ratio",
+            "broker", "messages", "aggs", "partitions", "handler ms", "ours msgs/s", "sequential msgs/s", "ratio",
             "load",
         ];
         print!("{}", render_table(&header, &par));
