@@ -22,7 +22,7 @@ pub const PARTITIONS: u32 = 3;
 /// Bound on `close`: a close that takes longer is reported, not waited for.
 const CLOSE_LIMIT: Duration = Duration::from_secs(60);
 /// Event type of the probes that show the consumer is assigned and reading.
-const PROBE: &str = "BenchProbe";
+pub const PROBE: &str = "BenchProbe";
 
 /// Where the workload's topics live on a broker.
 #[derive(Debug, Clone)]
@@ -326,6 +326,7 @@ pub async fn publish_in_order<B: Broker>(
     versions: &[u64],
     concurrency: usize,
     bar: ProgressBar,
+    keep_latencies: bool,
 ) -> (u64, Vec<u64>, Vec<String>) {
     let logical = layout.logical_topics().max(1);
     let mut publishers = AbortOnDrop(Vec::new());
@@ -368,7 +369,9 @@ pub async fn publish_in_order<B: Broker>(
                     match r {
                         Ok(us) => {
                             sent += 1;
-                            latencies.push(us);
+                            if keep_latencies {
+                                latencies.push(us);
+                            }
                         }
                         Err(e) => failed = failed.or(Some(e)),
                     }
@@ -471,7 +474,8 @@ pub async fn run_live<B: Broker>(
     let mut publish_end = started;
     let mut publish_latencies = Vec::new();
     if result.errors.is_empty() {
-        let publishing = publish_in_order(bus.clone(), layout, &versions, params.publish_concurrency, pub_bar.clone());
+        let publishing =
+            publish_in_order(bus.clone(), layout, &versions, params.publish_concurrency, pub_bar.clone(), true);
         match tokio::time::timeout_at(deadline, publishing).await {
             Ok((sent, latencies, errors)) => {
                 publish_end = Instant::now();
@@ -561,7 +565,8 @@ pub fn per_second(n: u64, elapsed: Duration) -> f64 {
     }
 }
 
-async fn probe<B: Broker>(
+/// Publishes one probe per topic and waits until the consumer saw them all.
+pub async fn probe<B: Broker>(
     bus: &EventBus<B>,
     topics: &[String],
     seen: &mut watch::Receiver<usize>,

@@ -13,6 +13,8 @@ mod chart;
 mod drain;
 mod raw;
 mod report;
+mod settings;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,9 +56,13 @@ pub struct BenchArgs {
     #[arg(long)]
     pub kafka_batching: bool,
 
-    /// Kafka consumers' fetch.wait.max.ms (ours and the plain client's).
-    #[arg(long, default_value_t = 50)]
-    pub kafka_fetch_wait_ms: u64,
+    /// Kafka consumers' fetch.wait.max.ms (ours and the plain client's) [default: the library's].
+    #[arg(long, value_name = "MS")]
+    pub kafka_fetch_wait_ms: Option<u64>,
+
+    /// The Kafka producer's linger.ms [default: the library's].
+    #[arg(long, value_name = "MS")]
+    pub kafka_linger_ms: Option<u64>,
 
     /// NATS server URL [default: $EVENTBUS_NATS_URL or nats://127.0.0.1:4222].
     #[arg(long, value_name = "URL")]
@@ -70,15 +76,22 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     pub publish_concurrency: usize,
 
-    /// The bus's commit interval in ms (library default: 1000). On NATS it also
-    /// bounds throughput: a stream delivers at most --read-ahead messages per commit.
-    #[arg(long, default_value_t = 100)]
-    pub commit_interval_ms: u64,
+    /// The bus's commit interval in ms [default: the library's, ConsumerConfig::default()].
+    #[arg(long, value_name = "MS")]
+    pub commit_interval_ms: Option<u64>,
 
     /// Messages read ahead of the bus per session: Kafka's max_buffered, NATS's
-    /// max_ack_pending per stream (library default: 1000 each).
-    #[arg(long, default_value_t = 10_000)]
-    pub read_ahead: usize,
+    /// max_ack_pending per stream [default: the library's, KafkaConfig/NatsConfig::default()].
+    #[arg(long, value_name = "N")]
+    pub read_ahead: Option<usize>,
+
+    /// Workers of the bus's pool [default: the library's, PoolConfig::default()].
+    #[arg(long, value_name = "N")]
+    pub pool_workers: Option<usize>,
+
+    /// Jobs the bus's pool holds [default: the library's, PoolConfig::default()].
+    #[arg(long, value_name = "N")]
+    pub pool_capacity: Option<usize>,
 
     /// Skip the read-back against the plain rdkafka / async-nats consumers.
     #[arg(long)]
@@ -91,6 +104,16 @@ pub struct BenchArgs {
     /// Messages of the key-level parallelism run (1 ms handler, 1,000 aggregates, 3 partitions); 0 skips it.
     #[arg(long, default_value_t = 5_000)]
     pub parallel_messages: u64,
+
+    /// Instead of the levels: publish and consume this many events in one run per
+    /// broker (5 topics x 3 partitions, --soak-aggregates aggregates, in order),
+    /// sampling resident memory; writes soak.json. Give it a --timeout-secs that fits.
+    #[arg(long, value_name = "EVENTS")]
+    pub soak: Option<u64>,
+
+    /// Aggregates of the soak.
+    #[arg(long, default_value_t = 10_000)]
+    pub soak_aggregates: u64,
 
     /// Only draw the charts of an earlier run's report.json into --report-dir (nothing is measured).
     #[arg(long, value_name = "REPORT_JSON")]
@@ -155,7 +178,7 @@ fn from_env(flag: &Option<String>, var: &str, default: &str) -> String {
 
 /// Connects every broker asked for before anything runs, so an unreachable
 /// one fails the command at once, by name.
-async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::PoolConfig) -> Result<Target, BenchError> {
+async fn connect(kind: BrokerKind, args: &BenchArgs, bus: &BusConfig) -> Result<Target, BenchError> {
     let timeout = Duration::from_secs(args.connect_timeout_secs.max(1));
     let unreachable =
         |address: &str, reason: String| BenchError::Unreachable { broker: kind, address: address.into(), reason };
@@ -163,25 +186,9 @@ async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::Pool
         BrokerKind::Memory => Ok(Target::Memory),
         #[cfg(feature = "kafka")]
         BrokerKind::Kafka => {
-            use eventbus::broker::kafka::{KafkaBroker, KafkaConfig};
+            use eventbus::broker::kafka::KafkaBroker;
             let address = from_env(&args.kafka_brokers, KAFKA_ENV, "127.0.0.1:9092");
-            let mut config = KafkaConfig {
-                brokers: address.clone(),
-                session_timeout: Duration::from_secs(6),
-                heartbeat_interval: Duration::from_millis(500),
-                fetch_max_wait: Duration::from_millis(args.kafka_fetch_wait_ms),
-                linger: Duration::from_millis(1),
-                // Also bounds commits and admin calls during the run, so not
-                // the connect timeout; the connect is cut by the timeout below.
-                request_timeout: timeout.max(Duration::from_secs(10)),
-                replication_factor: 1,
-                max_buffered: args.read_ahead.max(1),
-                ..KafkaConfig::default()
-            }
-            .bounded(pool.capacity);
-            if !args.kafka_batching {
-                config.producer_properties.insert("batch.num.messages".into(), "1".into());
-            }
+            let config = settings::kafka_config(args, bus, &address);
             let connecting = tokio::time::timeout(timeout, KafkaBroker::connect(config));
             let broker = match connecting.await {
                 Ok(Ok(b)) => b,
@@ -192,15 +199,9 @@ async fn connect(kind: BrokerKind, args: &BenchArgs, pool: &eventbus::pool::Pool
         }
         #[cfg(feature = "nats")]
         BrokerKind::Nats => {
-            use eventbus::broker::nats::{NatsBroker, NatsConfig};
+            use eventbus::broker::nats::NatsBroker;
             let address = from_env(&args.nats_url, NATS_ENV, "nats://127.0.0.1:4222");
-            let config = NatsConfig {
-                url: address.clone(),
-                connect_timeout: timeout,
-                max_ack_pending: i64::try_from(args.read_ahead.max(1)).unwrap_or(i64::MAX),
-                ..NatsConfig::default()
-            }
-            .bounded(pool.capacity);
+            let config = settings::nats_config(args, bus, &address);
             match tokio::time::timeout(timeout + Duration::from_secs(1), NatsBroker::connect(config)).await {
                 Ok(Ok(broker)) => Ok(Target::Nats { broker, address }),
                 Ok(Err(e)) => Err(unreachable(&address, e.to_string())),
@@ -247,11 +248,10 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
             kinds.push(k);
         }
     }
-    let mut config = BusConfig::default();
-    config.consumer.commit_interval = Duration::from_millis(args.commit_interval_ms.max(1));
+    let (config, effective) = settings::bus_config(&args);
     let mut targets = Vec::new();
     for &kind in &kinds {
-        targets.push(connect(kind, &args, &config.pool).await?);
+        targets.push(connect(kind, &args, &config).await?);
     }
 
     let machine = workload::machine_facts();
@@ -261,18 +261,43 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
     println!("machine: {}", machine.describe());
     println!(
         "scenario: {TOPICS} topics x {PARTITIONS} partitions, aggregates = messages/10 (50..1000), levels {levels:?}, \
-         pool {} workers / capacity {}, {} publishes in flight per topic, commit interval {} ms, read-ahead {}, \
-         load average {}",
-        config.pool.concurrency,
-        config.pool.capacity,
+         {} publishes in flight per topic, load average {}",
         args.publish_concurrency,
-        args.commit_interval_ms,
-        args.read_ahead,
         load_average_start.map_or("-".into(), |l| format!("{l:.2}")),
     );
+    println!("{}", effective.describe());
     // A fresh prefix per run: reruns never see an earlier run's topics or groups.
     let run_id = format!("ebb-{:08x}", rand::random::<u32>());
     let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    if let Some(events) = args.soak {
+        let mut soaks = Vec::new();
+        for target in &targets {
+            soaks.push(run_soak(target, &run_id, events, &args, &config, &progress).await);
+        }
+        let _ = progress.clear();
+        let passed = soaks.iter().all(|s| s.passed);
+        let report = soak::SoakRun {
+            machine,
+            started_at,
+            load_average_start,
+            load_average_end: workload::load_average(),
+            config: effective,
+            soaks,
+            passed,
+        };
+        soak::print(&report.soaks);
+        std::fs::create_dir_all(&args.report_dir)
+            .map_err(|e| BenchError::Report(format!("report folder {}: {e}", args.report_dir.display())))?;
+        let path = args.report_dir.join("soak.json");
+        let json = serde_json::to_string_pretty(&report).map_err(|e| BenchError::Report(e.to_string()))?;
+        std::fs::write(&path, &json).map_err(|e| BenchError::Report(format!("{}: {e}", path.display())))?;
+        println!("report: {}", path.display());
+        if args.run.json {
+            println!("{json}");
+        }
+        println!("result: {}", if passed { "PASS" } else { "FAIL" });
+        return Ok(passed);
+    }
     let mut brokers = Vec::new();
     for target in &targets {
         let report = match target {
@@ -298,15 +323,13 @@ async fn run_inner(args: BenchArgs) -> Result<bool, BenchError> {
         load_average_start,
         load_average_end: workload::load_average(),
         started_at,
-        publish_concurrency: args.publish_concurrency,
-        commit_interval_ms: args.commit_interval_ms,
-        read_ahead: args.read_ahead,
-        kafka_single_record_batches: !args.kafka_batching,
+        config: effective,
         brokers,
         passed,
     };
     println!();
     println!("machine: {}", report.machine.describe());
+    println!("{}", report.config.describe());
     report::print_tables(&report);
     for b in &report.brokers {
         let level_errors = b.levels.iter().flat_map(|l| {
@@ -501,6 +524,64 @@ async fn run_broker<B: Broker + Clone>(
     report
 }
 
+/// One soak on `target`; on the memory broker the log's bytes are counted
+/// from the broker afterwards, so they can be told apart from the bus's.
+async fn run_soak(
+    target: &Target,
+    run_id: &str,
+    events: u64,
+    args: &BenchArgs,
+    config: &BusConfig,
+    progress: &MultiProgress,
+) -> soak::SoakReport {
+    let kind = target.kind();
+    let prefix = format!("{run_id}-{kind}-soak");
+    let layout = target.layout(&prefix, TOPICS, PARTITIONS);
+    let mut config = config.clone();
+    config.consumer.group = prefix;
+    let timeout = Duration::from_secs(args.run.timeout_secs.max(1));
+    let (aggs, conc) = (args.soak_aggregates, args.publish_concurrency);
+    let name = kind.to_string();
+    let mut report = match target {
+        Target::Memory => {
+            let broker = MemoryBroker::default();
+            let mut r = soak::run(broker.clone(), &name, &layout, events, aggs, &config, conc, timeout, progress).await;
+            let bytes: usize = layout
+                .topics
+                .iter()
+                .map(|t| {
+                    broker
+                        .read_topic(t)
+                        .iter()
+                        .map(|d| {
+                            let headers: usize = d.headers.iter().map(|(k, v)| k.len() + v.len() + 48 + 32).sum();
+                            // The record (88), its payload, key and header list allocations (16 each).
+                            d.payload.len() + d.key.as_ref().map_or(0, Vec::len) + headers + 88 + 3 * 16
+                        })
+                        .sum::<usize>()
+                })
+                .sum();
+            soak::summarize(&mut r, Some(bytes as u64));
+            r
+        }
+        #[cfg(feature = "kafka")]
+        Target::Kafka { broker, .. } => {
+            let mut r = soak::run(broker.clone(), &name, &layout, events, aggs, &config, conc, timeout, progress).await;
+            soak::summarize(&mut r, None);
+            r
+        }
+        #[cfg(feature = "nats")]
+        Target::Nats { broker, .. } => {
+            let mut r = soak::run(broker.clone(), &name, &layout, events, aggs, &config, conc, timeout, progress).await;
+            soak::summarize(&mut r, None);
+            r
+        }
+    };
+    report.errors.extend(target.cleanup(&layout.topics).await);
+    report.passed &= report.errors.is_empty();
+    report
+}
+
 /// The run with the median rate (the lower middle one of an even count).
 fn median(mut runs: Vec<Drain>) -> Option<Drain> {
     runs.sort_by(|a, b| a.eps.total_cmp(&b.eps));
@@ -586,7 +667,8 @@ async fn prefill<B: Broker>(
     );
     let versions = workload::plan(messages, PARALLEL_AGGREGATES);
     let b = bar(progress, messages, format!("{kind} backlog published"));
-    let (sent, _, errors) = workload::publish_in_order(bus.clone(), layout, &versions, concurrency, b.clone()).await;
+    let (sent, _, errors) =
+        workload::publish_in_order(bus.clone(), layout, &versions, concurrency, b.clone(), false).await;
     b.finish_and_clear();
     bus.close().await;
     match errors.into_iter().next() {

@@ -16,10 +16,8 @@ pub struct BenchReport {
     pub load_average_start: Option<f64>,
     pub load_average_end: Option<f64>,
     pub started_at: String,
-    pub publish_concurrency: usize,
-    pub commit_interval_ms: u64,
-    pub read_ahead: usize,
-    pub kafka_single_record_batches: bool,
+    /// The configuration run with: the library's defaults unless overridden.
+    pub config: super::settings::EffectiveConfig,
     pub brokers: Vec<BrokerReport>,
     pub passed: bool,
 }
