@@ -145,8 +145,9 @@ fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 pub struct CloseReport {
     /// Accepted events handed back unprocessed (uncommitted; redelivered).
     pub handed_back: usize,
-    /// Why the final commit of the consumer's frontiers failed, if it did
-    /// (those events are redelivered to the group's next member).
+    /// Why the final commit of the consumer's frontiers failed, or closing
+    /// the broker session (which commits the stored offsets on Kafka), if
+    /// either did (those events are redelivered to the group's next member).
     pub final_commit_error: Option<String>,
 }
 

@@ -490,6 +490,24 @@ fn close_leaves_no_task_alive() {
     });
 }
 
+/// A session whose close fails (on Kafka, close commits the stored offsets
+/// synchronously) reports it as the close's final commit error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_session_close_is_reported_as_the_final_commit_error() {
+    let broker = MemoryBroker::default();
+    let bus = EventBus::builder(broker.clone()).config(fast_config("close-fails")).build().unwrap();
+    let (checker, progress) = (Arc::new(OrderChecker::new()), Arc::new(Progress::default()));
+    subscribe_checked(&bus, &["orders"], checker, progress.clone()).await;
+    bus.start().await.unwrap();
+    publish_versions(&bus, &["orders"], 10, 2).await;
+    progress.wait_for(20).await;
+    broker.fail_closes([eventbus::BrokerError::Unavailable("commit at close refused".into())]);
+    let report = bus.close().await;
+    let error = report.final_commit_error.expect("the failed session close is reported");
+    assert!(error.contains("closing the session") && error.contains("commit at close refused"), "{error}");
+    assert_eq!(report.handed_back, 0);
+}
+
 #[tokio::test]
 async fn configuration_errors_name_the_key() {
     let err = eventbus::BusConfig::from_toml("[pool]\nconcurrency = 0\n").unwrap_err();

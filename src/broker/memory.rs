@@ -93,6 +93,9 @@ struct Faults {
     commit: VecDeque<BrokerError>,
     /// The next `Broker::subscribe` calls fail with these, in order.
     subscribe: VecDeque<BrokerError>,
+    /// The next `Session::close` calls fail with these, in order (the
+    /// session still leaves its group).
+    close: VecDeque<BrokerError>,
 }
 
 struct State {
@@ -239,6 +242,12 @@ impl MemoryBroker {
     /// these errors, one each, in order (nothing is committed).
     pub fn fail_commits(&self, errors: impl IntoIterator<Item = BrokerError>) {
         self.shared.lock().faults.commit.extend(errors);
+    }
+
+    /// Fault injection for tests: the next `Session::close` calls fail with
+    /// these errors, one each, in order; the session still leaves its group.
+    pub fn fail_closes(&self, errors: impl IntoIterator<Item = BrokerError>) {
+        self.shared.lock().faults.close.extend(errors);
     }
 
     /// Fault injection for tests: the next `subscribe` calls fail with these
@@ -598,7 +607,10 @@ impl Session for MemorySession {
 
     async fn close(mut self) -> Result<(), BrokerError> {
         self.leave();
-        Ok(())
+        match self.broker.shared.lock().faults.close.pop_front() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

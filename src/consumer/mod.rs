@@ -187,7 +187,8 @@ impl ConsumerStats {
 pub struct ConsumerReport {
     /// Tasks handed back unprocessed by the pool's close (redelivered later).
     pub handed_back: usize,
-    /// The final commit failed; the uncommitted work will be redelivered.
+    /// The final commit, or closing the session (which commits what was
+    /// stored, on Kafka), failed; the uncommitted work will be redelivered.
     pub final_commit_error: Option<String>,
 }
 
@@ -443,8 +444,11 @@ impl<B: Broker> Consumer<B> {
             if let Err(e) = self.commit(&mut session, Some(&all)).await {
                 report.final_commit_error = Some(e.to_string());
             }
+            // Closing a session can commit too (Kafka commits the stored
+            // offsets synchronously there): its failure is the final commit's.
             if let Err(e) = session.close().await {
-                tracing::warn!(error = %e, "leaving the consumer group failed");
+                tracing::warn!(error = %e, "closing the session failed");
+                report.final_commit_error.get_or_insert_with(|| format!("closing the session: {e}"));
             }
         }
         Ok(report)

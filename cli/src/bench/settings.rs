@@ -97,6 +97,7 @@ pub fn bus_config(args: &BenchArgs) -> (BusConfig, EffectiveConfig) {
     config.pool.capacity =
         r.set("pool.capacity", config.pool.capacity, args.pool_capacity.map(|v| ("--pool-capacity", v.max(1))));
     r.set("pool.wait_timeout_ms", ms(config.pool.wait_timeout), None);
+    r.set("consumer.commit_threshold", config.consumer.commit_threshold, None);
     #[cfg(feature = "kafka")]
     {
         let k = kafka_config(args, &config, "");
@@ -110,6 +111,7 @@ pub fn bus_config(args: &BenchArgs) -> (BusConfig, EffectiveConfig) {
             args.kafka_fetch_wait_ms.map(|v| ("--kafka-fetch-wait-ms", v)),
         );
         r.set("kafka.linger_ms", ms(d.linger), args.kafka_linger_ms.map(|v| ("--kafka-linger-ms", v)));
+        r.set("kafka.auto_commit_interval_ms", ms(d.auto_commit_interval), None);
         for (key, why) in [
             ("kafka.session_timeout_ms", "6000: a run's groups come and go; a member left behind is noticed sooner"),
             ("kafka.heartbeat_interval_ms", "500: below the 6 s session timeout"),
