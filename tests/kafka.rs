@@ -1272,23 +1272,11 @@ async fn ordered_handler_context_matches_the_broker_positions() {
     let group = unique("g");
     let broker = KafkaBroker::connect(kafka_config(&mock.servers)).await.unwrap();
     let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Envelope, eventbus::DeliveryContext)>();
-    bus.subscribe_ordered(&topic, move |env, ctx| {
-        tx.send((env, ctx)).unwrap();
-        std::future::ready(Ok(()))
-    })
-    .await
-    .unwrap();
+    let mut rx = common::scenario::forward_contexts(&bus, &topic).await;
     bus.start().await.unwrap();
-    let mut published = BTreeMap::new();
-    for v in 1..=3 {
-        for a in 0..6 {
-            let id = format!("order-{a}");
-            let env = event(&id, v).with_trace_id(format!("t-{a}-{v}")).with_correlation_id(format!("c-{a}"));
-            let pos = bus.publish_envelope(&topic, &env).await.unwrap();
-            assert_eq!(pos.partition, eventbus::broker::memory::partition_for_key(id.as_bytes(), 3));
-            published.insert((id, v), (env, pos));
-        }
+    let published = common::scenario::publish_traced(&bus, &topic, 6, 3).await;
+    for ((id, _), (_, pos)) in &published {
+        assert_eq!(pos.partition, eventbus::broker::memory::partition_for_key(id.as_bytes(), 3));
     }
     let mut per_partition: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
     for _ in 0..published.len() {

@@ -697,13 +697,7 @@ async fn ordered_handler_context_matches_the_broker_positions() {
     let broker = connect(nats_config(&nats_url())).await;
     let admin = broker.clone();
     let bus = EventBus::builder(broker).config(bus_config(&group)).build().unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Envelope, eventbus::DeliveryContext)>();
-    bus.subscribe_ordered(&topic, move |env, ctx| {
-        tx.send((env, ctx)).unwrap();
-        std::future::ready(Ok(()))
-    })
-    .await
-    .unwrap();
+    let mut rx = common::scenario::forward_contexts(&bus, &topic).await;
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<eventbus::DeliveryContext>();
     bus.subscribe_raw(&raw_topic, move |_delivery, ctx| {
         raw_tx.send(ctx).unwrap();
@@ -712,15 +706,7 @@ async fn ordered_handler_context_matches_the_broker_positions() {
     .await
     .unwrap();
     bus.start().await.unwrap();
-    let mut published = BTreeMap::new();
-    for v in 1..=3 {
-        for a in 0..4 {
-            let id = format!("order-{a}");
-            let env = event(&id, v).with_trace_id(format!("t-{a}-{v}")).with_correlation_id(format!("c-{a}"));
-            let pos = bus.publish_envelope(&topic, &env).await.unwrap();
-            published.insert((id, v), (env, pos));
-        }
-    }
+    let published = common::scenario::publish_traced(&bus, &topic, 4, 3).await;
     let mut offsets = Vec::new();
     for _ in 0..published.len() {
         let (env, ctx) = recv_within(&mut rx, Duration::from_secs(20), "every event handled").await;

@@ -350,3 +350,38 @@ impl Seed<'_> {
         positions
     }
 }
+
+/// Events published by [`publish_traced`]: by (aggregate, version), the
+/// envelope and the position the broker returned.
+pub type Traced = BTreeMap<(String, i64), (Envelope, Position)>;
+
+/// Registers an ordered handler on `topic` that forwards every envelope with
+/// its delivery context.
+pub async fn forward_contexts<B: Broker>(
+    bus: &EventBus<B>,
+    topic: &str,
+) -> mpsc::UnboundedReceiver<(Envelope, eventbus::DeliveryContext)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    bus.subscribe_ordered(topic, move |env, ctx| {
+        tx.send((env, ctx)).unwrap();
+        std::future::ready(Ok(()))
+    })
+    .await
+    .unwrap();
+    rx
+}
+
+/// Publishes versions 1..=`versions` of aggregates `order-0..aggregates`, each
+/// with a trace ID and a correlation ID.
+pub async fn publish_traced<B: Broker>(bus: &EventBus<B>, topic: &str, aggregates: usize, versions: i64) -> Traced {
+    let mut published = BTreeMap::new();
+    for v in 1..=versions {
+        for a in 0..aggregates {
+            let id = format!("order-{a}");
+            let env = event(&id, v).with_trace_id(format!("t-{a}-{v}")).with_correlation_id(format!("c-{a}"));
+            let pos = bus.publish_envelope(topic, &env).await.unwrap();
+            published.insert((id, v), (env, pos));
+        }
+    }
+    published
+}
