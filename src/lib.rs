@@ -13,6 +13,10 @@
 //! ```
 //! use eventbus::{BusConfig, Envelope, EventBus, MemoryBroker};
 //!
+//! # // Under `--features loom` the pool's primitives are loom's, which run
+//! # // only inside a loom model (tests/loom_pool.rs): the example is skipped.
+//! # #[cfg(feature = "loom")] fn main() {}
+//! # #[cfg(not(feature = "loom"))]
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Configure: the bus from TOML (a file: `BusConfig::load(path)`, with
