@@ -4,8 +4,10 @@
 //! started by `scripts/tansu`), at the address in `EVENTBUS_KAFKA_BROKERS`
 //! (e.g. `127.0.0.1:9092`).
 //!
-//! Without `EVENTBUS_KAFKA_BROKERS` every test prints that it was not run and
-//! returns; with it, an unreachable broker fails the test. Every test uses
+//! Without `EVENTBUS_KAFKA_BROKERS` every test fails, saying it was not run
+//! and how to start the broker (a test that could not run must not count as
+//! passed; `.ci/run` starts tansu and sets it); with it, an unreachable
+//! broker fails the test. Every test uses
 //! topics and groups with a random suffix, so reruns do not collide.
 //!
 //! The crash test re-runs this test binary as a child process in the mode
@@ -20,7 +22,6 @@ use common::crash_child::{self, publish_all, Crash};
 use common::scenario::{bus_config, event, init_tracing, recv_within, started_with_channels, unique, Dropped, Seed};
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use eventbus::broker::kafka::{KafkaBroker, KafkaConfig};
@@ -31,21 +32,16 @@ const BROKERS_ENV: &str = "EVENTBUS_KAFKA_BROKERS";
 // ---------------------------------------------------------------------------
 // Helpers.
 
-/// The broker address, or `None` (after saying so) when the tests are not
-/// to run.
+/// The broker address. Without it the test fails loudly: a test that could
+/// not run must not count as passed. (`Option` so the call sites stay as
+/// they are; it is always `Some`.)
 fn brokers(test: &str) -> Option<String> {
     match std::env::var(BROKERS_ENV) {
         Ok(b) if !b.trim().is_empty() => Some(b),
-        _ => {
-            // Straight to stderr, past the test harness's capture, so CI logs
-            // show which tests did not run.
-            let line = format!(
-                "kafka_tansu::{test}: not run: {BROKERS_ENV} is not set (start a broker with scripts/tansu and set \
-                 {BROKERS_ENV}=127.0.0.1:9092)\n"
-            );
-            let _ = std::io::stderr().write_all(line.as_bytes());
-            None
-        }
+        _ => panic!(
+            "kafka_tansu::{test}: not run: {BROKERS_ENV} is not set (start a broker with scripts/tansu and set \
+             {BROKERS_ENV}=127.0.0.1:9092; .ci/run does both)"
+        ),
     }
 }
 
